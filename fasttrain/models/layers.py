@@ -1,0 +1,85 @@
+"""Building blocks shared by the models. No data-dependent control flow, so torch.compile sees one graph."""
+
+import torch
+from torch import nn
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    """Same-padded conv (no bias: the BN shift replaces it) followed by BatchNorm."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    """conv_bn followed by ReLU."""
+    return nn.Sequential(*conv_bn(in_channels, out_channels, kernel, stride), nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    """Basic block: ReLU(branch(x) + shortcut(x)), branch = conv3x3-BN-ReLU-dropout-conv3x3-BN.
+
+    The shortcut is the identity, or a strided 1x1 conv-BN projection when channels or stride change.
+    `branch[-1]` is the last BatchNorm: zeroing its weight and bias zeroes the residual branch.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(
+            *conv_bn_relu(in_channels, out_channels, stride=stride),
+            nn.Dropout(dropout),
+            *conv_bn(out_channels, out_channels),
+        )
+        needs_projection = stride != 1 or in_channels != out_channels
+        self.shortcut: nn.Module = (
+            conv_bn(in_channels, out_channels, kernel=1, stride=stride) if needs_projection else nn.Identity()
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.branch(x) + self.shortcut(x))
+
+
+class SkipConnectionBlock(nn.Module):
+    """cat([x, body(x)], dim=1), body = conv3x3-(BN)-ReLU-conv3x3-(BN)-ReLU: in + out channels come out."""
+
+    def __init__(self, in_channels: int, out_channels: int, batchnorm: bool = True) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *self._conv(in_channels, out_channels, batchnorm), *self._conv(out_channels, out_channels, batchnorm)
+        )
+
+    @staticmethod
+    def _conv(in_channels: int, out_channels: int, batchnorm: bool) -> list[nn.Module]:
+        if batchnorm:
+            return list(conv_bn_relu(in_channels, out_channels))
+        return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=True), nn.ReLU(inplace=True)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.body(x)], dim=1)
+
+
+class Residual(nn.Module):
+    """x + module(x), for a module that keeps the shape (the ResNet-9 residuals, which have no final ReLU)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.module(x)
+
+
+class Mul(nn.Module):
+    """Multiply by a constant: the ResNet-9 logit scale, which acts like a softmax temperature."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
