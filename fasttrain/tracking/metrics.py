@@ -1,0 +1,121 @@
+"""The run's own metrics log: one JSON object per line (`metrics.jsonl`), readable without W&B.
+
+Non-finite floats are written as the strings "NaN", "Infinity" and "-Infinity" (the spelling wandb uses), so
+every line is strict JSON that any tool can parse, and a diverged loss is not confused with a missing value;
+`read_metrics` turns those strings back into floats. Numpy and torch scalars are written as plain numbers.
+
+Every row should carry an integer "step": resuming uses it to drop what was logged after the checkpoint.
+Write a step's rows before saving its checkpoint, so a resume never lacks them. Main process only.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from fasttrain.tracking.atomic import replacing
+
+_NON_FINITE_TO_TEXT = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_TEXT_TO_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def to_json_safe(value: Any) -> Any:
+    """`value` with non-finite floats spelled as strings and array/tensor scalars unwrapped."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        return _NON_FINITE_TO_TEXT.get(value, value)
+    if isinstance(value, dict):
+        return {str(key): to_json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(item) for item in value]
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return to_json_safe(value.item())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write {type(value).__name__} value {value!r} to the metrics file")
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return _TEXT_TO_NON_FINITE.get(value, value)
+    if isinstance(value, dict):
+        return {key: _from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json(item) for item in value]
+    return value
+
+
+def encode_row(row: dict[str, Any]) -> str:
+    return json.dumps(to_json_safe(row), allow_nan=False, separators=(",", ":"))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All rows of a metrics file. A cut-off last line (a crash mid-write) is skipped; damage elsewhere raises."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(_from_json(json.loads(line)))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON object; the metrics file is damaged") from None
+    return rows
+
+
+def _logged_after(row: dict[str, Any], resume_step: int) -> bool:
+    step = row.get("step")
+    return isinstance(step, int) and not isinstance(step, bool) and step > resume_step
+
+
+def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
+    with replacing(path) as temp, open(temp, "w", encoding="utf-8") as out:
+        out.writelines(encode_row(row) + "\n" for row in rows)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+class MetricsFile:
+    """Appends metric rows to a JSON-lines file, one flushed line per `write`.
+
+    Without `resume_step` an existing file is replaced. With it, the file is continued: rows with
+    `step > resume_step` (logged after the checkpoint being resumed) are dropped first, so the resumed
+    run neither loses nor repeats history. Rows without an integer "step" are kept.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [row for row in read_metrics(self.path) if not _logged_after(row, resume_step)]
+            _rewrite(self.path, kept)
+            self._file: IO[str] = open(self.path, "a", encoding="utf-8")
+        else:
+            self._file = open(self.path, "w", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(encode_row(row) + "\n")
+        self._file.flush()
+
+    def sync(self) -> None:
+        """Force written rows to disk (call before saving a checkpoint)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self.sync()
+        self._file.close()
+
+    def __enter__(self) -> "MetricsFile":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,0 +1,64 @@
+"""Learning curves from the metrics log: accuracy and loss per epoch, train against validation.
+
+A widening gap between the train and validation curves is overfitting; both flat and high is underfitting.
+Uses matplotlib's object API with the Agg canvas (no display, no pyplot global state).
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fasttrain.tracking.atomic import replacing
+
+# (panel title, y label, [(row key, legend label, line style)])
+_PANELS = (
+    ("Accuracy", "accuracy", [("train_acc", "train", "--"), ("val_acc", "validation", "-")]),
+    ("Loss", "loss", [("train_loss", "train", "--"), ("val_loss", "validation", "-")]),
+)
+
+
+def epoch_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The end-of-epoch rows: those carrying a validation accuracy."""
+    return [row for row in rows if row.get("val_acc") is not None]
+
+
+def _as_float(value: Any) -> float:
+    """A plottable number; missing or non-finite values become NaN (a gap in the line)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
+def plot_curves(rows: list[dict[str, Any]], out_png: Path, title: str = "") -> Path:
+    """Draw train/validation accuracy and loss per epoch from `rows` into `out_png` (replaced atomically)."""
+    from matplotlib.figure import Figure
+
+    epochs = epoch_rows(rows)
+    x = [_as_float(row.get("epoch", index + 1)) for index, row in enumerate(epochs)]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    if title:
+        figure.suptitle(title)
+    for axes, (panel_title, y_label, series) in zip(figure.subplots(1, 2), _PANELS):
+        axes.set_title(panel_title)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(y_label)
+        axes.grid(True, alpha=0.3)
+        drawn = 0
+        for key, label, style in series:
+            y = [_as_float(row.get(key)) for row in epochs]
+            if all(math.isnan(value) for value in y):
+                continue
+            # Markers keep a single epoch (a lone point, no line) visible.
+            axes.plot(x, y, style, marker="o", markersize=3, label=label)
+            drawn += 1
+        if drawn:
+            axes.legend()
+        else:
+            axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
+
+    out_png = Path(out_png)
+    with replacing(out_png) as temp:
+        figure.savefig(temp, format="png", dpi=100)
+    return out_png

@@ -1,0 +1,221 @@
+"""Weights & Biases runs that never block training: choose a mode, start, log, finish.
+
+Mode resolution (`resolve_mode`):
+  - "online" / "offline" / "disabled" are used as asked.
+  - "auto" (the default) follows WANDB_MODE when it is set in the environment (users who exported
+    WANDB_MODE=offline or disabled keep their habit), else goes online when a W&B credential is found locally
+    (WANDB_API_KEY, `wandb login`'s .netrc entry, the settings file), else offline.
+
+Without a network nothing waits long: an online start first checks that the server accepts a TCP connection,
+then gives `wandb.init` a short timeout; if either fails the run is logged offline instead (one console line
+says so and how to upload it later with `wandb sync`). `finish()` is bounded by wandb's `finish_timeout`;
+whatever did not upload stays on disk for `wandb sync`.
+
+Start W&B on the main process only; other ranks use mode "disabled".
+"""
+
+import os
+import secrets
+import string
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from fasttrain.errors import ConfigError
+from fasttrain.tracking.server_probe import server_unreachable
+from fasttrain.tracking.wandb_credentials import find_api_key_source, wandb_base_url
+
+MODES = ("auto", "online", "offline", "disabled")
+
+# WANDB_MODE values wandb accepts that we understand, and what they mean here.
+_ENV_MODE_MEANINGS = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+                      "disabled": "disabled"}
+
+# A healthy online start takes a few seconds; a server that accepts connections but never answers costs this
+# plus ~2 s of wandb teardown before the offline fallback begins.
+DEFAULT_INIT_TIMEOUT_S = 20.0
+DEFAULT_FINISH_TIMEOUT_S = 60.0
+
+
+def resolve_mode(requested: str = "auto") -> tuple[str, str]:
+    """("online" | "offline" | "disabled", why) for a requested mode; makes no network call."""
+    if requested not in MODES:
+        raise ConfigError(f"unknown W&B mode {requested!r}: choose one of {', '.join(MODES)}")
+    if requested != "auto":
+        return requested, "requested"
+    env_mode = _env_mode()
+    if env_mode is not None:
+        return env_mode, f"WANDB_MODE={env_mode} in the environment"
+    source = find_api_key_source()
+    if source is not None:
+        return "online", f"W&B credentials found in {source}"
+    return "offline", "not logged in to W&B; run `wandb login` or set WANDB_API_KEY to log online"
+
+
+def _env_mode() -> str | None:
+    value = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not value:
+        return None
+    if value not in _ENV_MODE_MEANINGS:
+        raise ConfigError(
+            f"WANDB_MODE={value!r} in the environment is not one of {', '.join(sorted(_ENV_MODE_MEANINGS))}: "
+            "fix or unset it, or pass an explicit W&B mode"
+        )
+    return _ENV_MODE_MEANINGS[value]
+
+
+class WandbRun:
+    """One W&B run, or a no-op stand-in when W&B is disabled (`mode == "disabled"`, `id` is None).
+
+    Logging errors never stop training: the first one is reported on one line and W&B logging stops
+    (the local metrics file stays complete).
+    """
+
+    def __init__(self, run: Any | None, mode: str, announce: Callable[[str], None] = print) -> None:
+        self._run = run
+        self.mode = mode
+        self._announce = announce
+        self._broken = False
+        self._finished = run is None
+
+    @property
+    def id(self) -> str | None:
+        """The W&B run id; pass it back as `resume_id` to continue this run after a restart."""
+        return self._run.id if self._run is not None else None
+
+    @property
+    def run_dir_path(self) -> Path | None:
+        """The local run directory (`.../wandb/[offline-]run-<time>-<id>`), the argument for `wandb sync`."""
+        return Path(self._run.dir).parent if self._run is not None else None
+
+    @property
+    def url(self) -> str | None:
+        return self._run.url if self._run is not None and self.mode == "online" else None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Record `metrics` at `step`. Steps must not decrease: wandb drops rows logged at an earlier step."""
+        if self._active():
+            self._guarded("log", lambda: self._run.log(metrics, step=step))
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Set run summary values (final or best numbers shown in the W&B runs table)."""
+        if self._active():
+            self._guarded("summary", lambda: self._run.summary.update(values))
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the run; safe to call twice. A non-zero `exit_code` marks the run failed."""
+        if self._finished:
+            return
+        self._finished = True
+        self._guarded("finish", lambda: self._run.finish(exit_code=exit_code))
+
+    def __enter__(self) -> "WandbRun":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
+
+    def _active(self) -> bool:
+        return self._run is not None and not self._broken and not self._finished
+
+    def _guarded(self, action: str, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - a tracking failure must not end a training run
+            self._broken = True
+            self._announce(f"W&B {action} failed, W&B logging stopped for this run: {_first_line(error)}")
+
+
+def start_wandb(
+    mode: str,
+    *,
+    project: str,
+    entity: str | None = None,
+    name: str | None = None,
+    tags: Iterable[str] = (),
+    config: dict[str, Any],
+    run_dir: Path,
+    resume_id: str | None = None,
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
+    finish_timeout_s: float = DEFAULT_FINISH_TIMEOUT_S,
+    system_stats: bool = True,
+    announce: Callable[[str], None] = print,
+) -> WandbRun:
+    """Start a W&B run writing under `run_dir/wandb/`, announcing the mode and file location in one line.
+
+    `mode` is any of `MODES` ("auto" is resolved here). `resume_id` continues that W&B run (resume="allow").
+    `system_stats` samples CPU/GPU utilisation in wandb's background process. An online start that fails
+    or times out falls back to offline.
+    """
+    resolved, reason = resolve_mode(mode)
+    if resolved == "disabled":
+        announce(f"W&B disabled ({reason})")
+        return WandbRun(None, "disabled", announce)
+
+    import wandb
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _quiet(wandb)
+    init_args = dict(
+        project=project, entity=entity, name=name, tags=list(tags), config=config, dir=str(run_dir),
+        # A fixed id lets the offline fallback (and a later resume) keep the id the online attempt had.
+        id=resume_id or _new_run_id(), resume="allow" if resume_id else None,
+    )
+    settings = dict(console="off", silent=True, x_disable_stats=not system_stats,
+                    init_timeout=init_timeout_s, finish_timeout=finish_timeout_s)
+
+    if resolved == "online":
+        problem = server_unreachable(wandb_base_url())
+        if problem is None:
+            existing = _local_run_dirs(run_dir, init_args["id"])
+            try:
+                run = wandb.init(mode="online", settings=wandb.Settings(**settings), **init_args)
+            except Exception as error:  # noqa: BLE001 - any failure to reach W&B means "log offline"
+                problem = _first_line(error)
+                _discard_failed_start(wandb, run_dir, init_args["id"], keep=existing)
+            else:
+                announce(f"W&B online: {run.url} (local files in {Path(run.dir).parent})")
+                return WandbRun(run, "online", announce)
+        reason = f"online start failed: {problem}"
+
+    run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **init_args)
+    local = Path(run.dir).parent
+    announce(f"W&B offline ({reason}): files in {local}; upload later with `wandb sync {local}`")
+    return WandbRun(run, "offline", announce)
+
+
+def _quiet(wandb: Any) -> None:
+    # Console verbosity is process-wide in wandb, set by wandb.setup (init's `silent` alone lets the
+    # "Loaded credentials" banner through).
+    wandb.setup(settings=wandb.Settings(silent=True))
+
+
+def _new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _local_run_dirs(run_dir: Path, run_id: str) -> set[Path]:
+    return set((run_dir / "wandb").glob(f"run-*-{run_id}"))
+
+
+def _discard_failed_start(wandb: Any, run_dir: Path, run_id: str, keep: set[Path]) -> None:
+    """Forget a failed online attempt so the offline fallback can reuse its id.
+
+    wandb's background service keeps a failed run's id reserved ("run ID ... is in use") until teardown.
+    The attempt's empty local directory is removed; directories of earlier sessions are kept.
+    """
+    import shutil
+
+    wandb.teardown()
+    _quiet(wandb)
+    for leftover in _local_run_dirs(run_dir, run_id) - keep:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    message = text[0] if text else type(error).__name__
+    return message if len(message) <= 200 else message[:197] + "..."
+
