@@ -1,0 +1,363 @@
+"""The run configuration: typed sections, YAML recipes, `--section.key value` overrides, validation.
+
+A run's configuration is built in three layers, each overriding the last:
+  1. the defaults below (they are the resnet9 recipe),
+  2. a YAML recipe (`--config launch/resnet9.yaml`, or just `--config resnet9` for a recipe in launch/),
+  3. command-line overrides, `--train.lr 0.4 --model.widths 32,64,128`.
+Every key is checked against its section's type before any work starts; `model` keys are checked against the
+chosen model's constructor signature (see fasttrain.models.describe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fasttrain.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "launch"
+
+
+@dataclass
+class RunSection:
+    name: str = "resnet9"
+    dir: str | None = None  # default: runs/<name>-<UTC timestamp>
+    seed: int = 0
+    resume: str = "no"  # no | auto | force | <checkpoint dir>
+
+
+@dataclass
+class DataSection:
+    source: str = "cifar10"  # converted into `dir` when that has no .beton files yet
+    dir: str | None = None  # default: data/<source name>, e.g. data/cifar10 or data/cifar10-jpeg
+    subset: int | None = None  # first N images per split, stratified by class
+    mode: Literal["auto", "gpu", "ffcv"] = "auto"  # auto: device-resident on CUDA, ffcv streaming elsewhere
+    workers: int = 8
+    eval_batch_size: int = 1024
+    flip: bool = True
+    translate: int = 2
+    cutout: int = 4
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 24
+    batch_size: int = 512  # global: split evenly across processes
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.5  # peak learning rate at lr_ref_batch ...
+    lr_ref_batch: int = 512  # ... scaled to the global batch by lr_scaling
+    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
+    schedule: Literal["triangular", "cosine", "constant"] = "triangular"
+    lr_peak_epoch: float = 5.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    wd_on_bn_and_bias: bool = False
+    label_smoothing: float = 0.1
+    grad_clip: float | None = None
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: bool = True
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    tta: bool = True
+    target_acc: float | None = None  # stop once validation accuracy reaches this (0..1)
+    eval_every: int = 1  # epochs
+    log_every: int = 50  # optimizer steps
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss: stop, or skip the step (up to max_skips)
+    max_skips: int = 20
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1  # epochs; 0 disables periodic checkpoints
+    keep: int = 2
+
+
+@dataclass
+class WandbSection:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online if logged in, else offline
+    project: str = "fasttrain"
+    entity: str | None = None
+    name: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "checkpoint": CheckpointSection,
+    "wandb": WandbSection,
+}
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "resnet9"})
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["model"] = dict(self.model)
+        return {k: _plain(v) for k, v in out.items()}
+
+
+def default_data_dir(source: str, subset: int | None) -> Path:
+    """data/<name of the source> (+ -subset<N>), so different sources never share a directory."""
+    name = Path(source.rstrip("/")).name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        name = name.removesuffix(suffix)
+    return Path("data") / (f"{name}-subset{subset}" if subset else name)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists so the dict round-trips through YAML and JSON unchanged."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- coercion of strings and YAML values to annotated types ---
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert `value` (a command-line string or a YAML value) to `annotation`, or raise ConfigError naming `key`."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing))  # postponed annotations of this module
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {annotation}")
+    if origin is Literal:
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if text not in [str(a) for a in args]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return text
+    if origin in (tuple, list):
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+        item_type = args[0] if args else str
+        return tuple(coerce(f"{key}[{i}]", v.strip() if isinstance(v, str) else v, item_type)
+                     for i, v in enumerate(items))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _unknown_key(section: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
+    return ConfigError(f"unknown key '{section}.{key}'.{hint} Valid keys of '{section}': {', '.join(valid)}")
+
+
+def _section_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _set(cfg: Config, section: str, key: str, value: Any) -> None:
+    if section == "model":
+        cfg.model[key] = value  # checked against the model's signature in _check_model
+        return
+    if section not in SECTIONS:
+        valid = [*SECTIONS, "model"]
+        close = difflib.get_close_matches(section, valid, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown section '{section}' in '{section}.{key}'.{hint} Valid sections: {', '.join(valid)}")
+    types_ = _section_fields(SECTIONS[section])
+    if key not in types_:
+        raise _unknown_key(section, key, list(types_))
+    setattr(getattr(cfg, section), key, coerce(f"{section}.{key}", value, types_[key]))
+
+
+def resolve_recipe(path_or_name: str) -> Path:
+    """`launch/resnet9.yaml`, or a bare recipe name such as `resnet9` found in the launch/ folder."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    candidate = RECIPES_DIR / f"{path_or_name}.yaml"
+    if candidate.is_file():
+        return candidate
+    recipes = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    raise ConfigError(f"--config: no file '{path_or_name}' and no recipe of that name. Recipes: {', '.join(recipes)}")
+
+
+def load_yaml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{path}: expected sections of key: value pairs (run:, data:, model:, train:, ...)")
+    return data
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str, str]]]:
+    """Split argv into the --config value and (section, key, value) overrides. `--resume X` means `--run.resume X`."""
+    config_path, overrides = None, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': options look like --section.key value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{name} needs a value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if name == "config":
+            config_path = value
+        elif name == "resume":
+            overrides.append(("run", "resume", value))
+        elif "." in name:
+            section, _, key = name.partition(".")
+            overrides.append((section, key, value))
+        else:
+            raise ConfigError(f"unknown option '--{name}': use --section.key value "
+                              f"(sections: {', '.join([*SECTIONS, 'model'])}) or --config RECIPE")
+    return config_path, overrides
+
+
+def build_config(config_path: str | None, overrides: list[tuple[str, str, str]] = ()) -> Config:
+    cfg = Config()
+    if config_path is not None:
+        path = resolve_recipe(config_path)
+        for section, values in load_yaml(path).items():
+            if section == "model":
+                cfg.model = {}  # a recipe's model replaces the default model entirely
+            for key, value in values.items():
+                _set(cfg, section, key, value)
+    for section, key, value in overrides:
+        if section == "model" and key == "name" and value != cfg.model.get("name"):
+            cfg.model = {}  # a different model: the recipe's arguments were for the old one
+        _set(cfg, section, key, value)
+    _check_model(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _check_model(cfg: Config) -> None:
+    from fasttrain import models
+
+    name = cfg.model.get("name")
+    if name is None:
+        raise ConfigError(f"model.name is missing. Models: {', '.join(models.names())}")
+    if name not in models.names():
+        raise ConfigError(f"model.name: unknown model '{name}'. Models: {', '.join(models.names())}")
+    params = models.describe(name)
+    checked = {"name": name}
+    for key, value in cfg.model.items():
+        if key == "name":
+            continue
+        if key not in params:
+            raise _unknown_key("model", key, ["name", *params])
+        checked[key] = coerce(f"model.{key}", value, params[key].annotation)
+    cfg.model = checked
+    import torch
+
+    with torch.device("meta"):  # the constructor's own value checks (e.g. dropout < 1), without allocating
+        models.create(name, **{k: v for k, v in checked.items() if k != "name"})
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no hardware. World-size checks happen in the trainer once processes exist."""
+    t, d = cfg.train, cfg.data
+    for key in ("epochs", "batch_size", "lr_ref_batch", "log_every", "eval_every", "max_skips"):
+        _require(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("lr", "momentum", "weight_decay", "lr_peak_epoch"):
+        value = getattr(t, key)
+        _require(math.isfinite(value), f"train.{key}", f"must be a finite number, got {value}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    _require(0 <= t.lr_peak_epoch <= t.epochs, "train.lr_peak_epoch", f"must be in [0, epochs={t.epochs}]")
+    _require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or none")
+    _require(t.target_acc is None or 0 < t.target_acc <= 1, "train.target_acc",
+             f"is a fraction in (0, 1], e.g. 0.94, got {t.target_acc}")
+    _require(t.nesterov is False or t.optimizer == "sgd", "train.nesterov", "applies to optimizer sgd only")
+    _require(d.workers >= 1, "data.workers", f"must be >= 1, got {d.workers}")
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
+    _require(0 <= d.translate <= 8, "data.translate", f"must be in [0, 8] pixels, got {d.translate}")
+    _require(0 <= d.cutout <= 32, "data.cutout", f"must be in [0, 32] pixels, got {d.cutout}")
+    _require(d.subset is None or d.subset >= 10, "data.subset", f"must be >= 10 (one image per class), got {d.subset}")
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 disables)")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    resume = cfg.run.resume
+    _require(resume in ("no", "auto", "force") or Path(resume).exists(), "run.resume",
+             f"is no, auto, force or an existing checkpoint directory; '{resume}' does not exist")
+
+
+def load_config(argv: list[str], default_recipe: str | None = None) -> Config:
+    """The configuration for a command line: `--config` recipe (or `default_recipe`) plus overrides."""
+    config_path, overrides = parse_overrides(argv)
+    return build_config(config_path or default_recipe, overrides)
+
+
+def help_text() -> str:
+    lines = ["Options (--section.key value); defaults shown are the resnet9 recipe's:"]
+    for name, cls in SECTIONS.items():
+        defaults = cls()
+        for key, annotation in _section_fields(cls).items():
+            type_name = str(annotation).replace("typing.", "")
+            lines.append(f"  --{name}.{key:<20} {getattr(defaults, key)!r:<14} {type_name}")
+    lines.append("  --model.name NAME  and that model's own arguments (see fasttrain.models.describe)")
+    lines.append("  --config RECIPE    a YAML file or a recipe name from launch/: "
+                 + ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))))
+    lines.append("  --resume auto|force|DIR   continue from the newest checkpoint")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""The run configuration: recipes, overrides, types and the errors for bad input."""
+
+import pytest
+
+from fasttrain.config import build_config, coerce, load_config, parse_overrides, resolve_recipe, RECIPES_DIR
+from fasttrain.errors import ConfigError
+from fasttrain.optim import lr_factor, param_groups, scaled_lr
+from fasttrain import models
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_recipe_loads(recipe):
+    cfg = load_config(["--config", recipe])
+    assert cfg.model["name"] in models.names()
+
+
+def test_overrides_take_types_from_sections_and_model_signature():
+    cfg = load_config(["--config", "resnet9", "--train.lr", "0.3", "--train.tta=false", "--model.name", "deepcnn",
+                       "--model.widths", "16,32", "--model.blocks", "1,1", "--model.dropout", "0.1",
+                       "--model.block", "skip", "--data.subset", "none", "--resume", "auto"])
+    assert cfg.train.lr == 0.3 and cfg.train.tta is False
+    assert cfg.model == {"name": "deepcnn", "widths": (16, 32), "blocks": (1, 1), "dropout": 0.1, "block": "skip"}
+    assert cfg.data.subset is None and cfg.run.resume == "auto"
+
+
+def test_recipe_values_are_overridden_by_command_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  epochs: 7\n  lr: 0.2\nmodel:\n  name: deepcnn\n  widths: [8, 16]\n  blocks: [1, 1]\n")
+    cfg = load_config(["--config", str(recipe), "--train.lr", "0.1"])
+    assert (cfg.train.epochs, cfg.train.lr) == (7, 0.1)
+    assert cfg.model["widths"] == (8, 16)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--train.lrr", "1"], ["train.lrr", "train.lr", "Valid keys"]),
+    (["--trian.lr", "1"], ["trian", "train", "Valid sections"]),
+    (["--train.epochs", "two"], ["train.epochs", "integer"]),
+    (["--train.lr", "-0.1"], ["train.lr", "> 0"]),
+    (["--train.mixed_precision", "fp8"], ["train.mixed_precision", "bf16", "fp16"]),
+    (["--model.name", "resnet50"], ["model.name", "resnet9", "deepcnn"]),
+    (["--model.name", "deepcnn", "--model.dropout", "1.0"], ["dropout"]),
+    (["--model.name", "deepcnn", "--model.depth", "3"], ["model.depth", "widths"]),
+    (["--train.tta", "maybe"], ["train.tta", "true or false"]),
+    (["--config", "nonexistent"], ["nonexistent", "resnet9"]),
+    (["--train.lr"], ["--train.lr needs a value"]),
+    (["epochs=3"], ["unexpected argument"]),
+    (["--resume", "/no/such/dir"], ["run.resume", "does not exist"]),
+])
+def test_bad_input_names_the_key_and_the_valid_choices(argv, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(argv)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_yaml_with_wrong_shape_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="sections"):
+        load_config(["--config", str(bad)])
+
+
+def test_coerce_handles_optional_literal_and_tuples():
+    assert coerce("k", "none", float | None) is None
+    assert coerce("k", "0.5", float | None) == 0.5
+    assert coerce("k", [1, 2], tuple[int, ...]) == (1, 2)
+    with pytest.raises(ConfigError):
+        coerce("k", "1.5", int)
+
+
+def test_config_round_trips_through_its_dict():
+    cfg = load_config(["--config", "deepcnn"])
+    d = cfg.to_dict()
+    assert d["model"]["widths"] == [64, 128, 256] and d["train"]["epochs"] == cfg.train.epochs
+
+
+def test_lr_scaling_rules():
+    cfg = build_config(None)
+    t = cfg.train
+    assert scaled_lr(t, 512) == pytest.approx(0.5)
+    assert scaled_lr(t, 1024) == pytest.approx(1.0)
+    t.lr_scaling = "sqrt"
+    assert scaled_lr(t, 2048) == pytest.approx(1.0)
+    t.lr_scaling = "none"
+    assert scaled_lr(t, 4096) == pytest.approx(0.5)
+
+
+def test_triangular_schedule_peaks_then_reaches_zero():
+    total, peak = 100, 20
+    factors = [lr_factor(s, total, peak, "triangular") for s in range(total)]
+    assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) == peak
+    assert factors[0] > 0 and factors[-1] == pytest.approx(1 / 80)
+    assert all(a <= b for a, b in zip(factors[:peak], factors[1:peak + 1]))
+    assert all(a >= b for a, b in zip(factors[peak:], factors[peak + 1:]))
+
+
+def test_no_weight_decay_on_batchnorm_and_bias():
+    model = models.create("deepcnn", widths=(8, 16), blocks=(1, 1))
+    decay, no_decay = param_groups(model, 5e-4, wd_on_bn_and_bias=False)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
