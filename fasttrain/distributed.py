@@ -1,0 +1,64 @@
+"""Small helpers for what every rank must agree on. Process groups themselves belong to Accelerate."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import broadcast_object_list
+
+
+def sum_across_ranks(accelerator, values: list[float] | torch.Tensor) -> list[float]:
+    """Sum a few numbers over all ranks (one all-reduce); returns Python floats, identical on every rank."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return t.tolist()
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any of them."""
+    return sum_across_ranks(accelerator, [float(flag)])[0] > 0
+
+
+def from_main(accelerator, value: Any) -> Any:
+    """The main process's `value`, on every rank (e.g. a run directory with a timestamp in it)."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm running statistics, so all ranks evaluate the same model."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop polls, so it can checkpoint and exit cleanly.
+
+    A second signal raises KeyboardInterrupt at once: a user pressing Ctrl-C twice wants out now.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
