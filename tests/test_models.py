@@ -167,7 +167,8 @@ def test_unknown_argument_is_named_with_the_valid_ones() -> None:
 
 def test_describe_gives_precise_annotations() -> None:
     params = describe("deepcnn")
-    assert list(params) == ["widths", "blocks", "block", "dropout", "stem_channels", "num_classes", "in_channels"]
+    assert list(params) == ["widths", "blocks", "block", "dropout", "stem_channels", "num_classes", "in_channels",
+                            "batchnorm"]
     annotations = {name: p.annotation for name, p in params.items()}
     assert annotations == {
         "widths": tuple[int, ...],
@@ -177,6 +178,7 @@ def test_describe_gives_precise_annotations() -> None:
         "stem_channels": int | None,
         "num_classes": int,
         "in_channels": int,
+        "batchnorm": bool,
     }
     assert params["widths"].default == (32, 64, 128)
     assert params["stem_channels"].default is None
@@ -297,3 +299,13 @@ def test_tiny_deepcnn_overfits_64_real_images() -> None:
             if accuracy >= 0.95:
                 break
     assert accuracy >= 0.95, f"train accuracy {accuracy:.2%} after {max_steps} steps"
+
+
+@pytest.mark.parametrize("block", ["residual", "skip"])
+def test_deepcnn_without_batchnorm_has_none_and_is_batch_independent(block: str) -> None:
+    torch.manual_seed(0)
+    model = DeepCNN(widths=(8, 16), blocks=(1, 1), block=block, batchnorm=False).train()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    x = torch.randn(6, 3, 32, 32)
+    # Without BatchNorm a sample's output in train mode does not depend on the rest of its batch.
+    torch.testing.assert_close(model(x)[:3], model(x[:3]), rtol=1e-5, atol=1e-5)

@@ -35,26 +35,29 @@ def _check_arguments(
             raise ConfigError(f"deepcnn: {arg} must be positive, got {value}")
 
 
-def _residual_stage(in_channels: int, width: int, count: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(
-        *(ResidualBlock(in_channels if i == 0 else width, width, dropout=dropout) for i in range(count))
-    )
+def _residual_stage(in_channels: int, width: int, count: int, dropout: float, batchnorm: bool) -> nn.Sequential:
+    return nn.Sequential(*(ResidualBlock(in_channels if i == 0 else width, width, dropout=dropout, batchnorm=batchnorm)
+                           for i in range(count)))
 
 
-def _skip_stage(in_channels: int, width: int, count: int) -> nn.Sequential:
+def _skip_stage(in_channels: int, width: int, count: int, batchnorm: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     channels = in_channels
     for _ in range(count):
-        layers.append(SkipConnectionBlock(channels, width))
+        layers.append(SkipConnectionBlock(channels, width, batchnorm=batchnorm))
         channels += width
     # Each skip block concatenates `width` new channels; a 1x1 transition brings the stage back to `width`.
-    layers.append(conv_bn_relu(channels, width, kernel=1))
+    layers.append(conv_bn_relu(channels, width, kernel=1, batchnorm=batchnorm))
     return nn.Sequential(*layers)
 
 
 @register("deepcnn")
 class DeepCNN(nn.Module):
-    """stem (conv3x3-BN-ReLU-maxpool2) -> stages (maxpool2 between them) -> global avg pool -> dropout -> linear."""
+    """stem (conv3x3-BN-ReLU-maxpool2) -> stages (maxpool2 between them) -> global avg pool -> dropout -> linear.
+
+    `batchnorm=False` drops every BatchNorm (convs get biases): a model whose output does not depend on how a batch
+    is split across processes, which the DDP-equivalence test needs.
+    """
 
     def __init__(
         self,
@@ -65,22 +68,23 @@ class DeepCNN(nn.Module):
         stem_channels: int | None = None,
         num_classes: int = 10,
         in_channels: int = 3,
+        batchnorm: bool = True,
     ) -> None:
         super().__init__()
         widths, blocks = tuple(widths), tuple(blocks)
         _check_arguments(widths, blocks, block, dropout, stem_channels, num_classes, in_channels)
         stem_channels = widths[0] if stem_channels is None else stem_channels
 
-        self.stem = nn.Sequential(*conv_bn_relu(in_channels, stem_channels), nn.MaxPool2d(2))
+        self.stem = nn.Sequential(*conv_bn_relu(in_channels, stem_channels, batchnorm=batchnorm), nn.MaxPool2d(2))
         stages: list[nn.Module] = []
         channels = stem_channels
         for i, (width, count) in enumerate(zip(widths, blocks)):
             if i > 0:
                 stages.append(nn.MaxPool2d(2))
             if block == "residual":
-                stages.append(_residual_stage(channels, width, count, dropout))
+                stages.append(_residual_stage(channels, width, count, dropout, batchnorm))
             else:
-                stages.append(_skip_stage(channels, width, count))
+                stages.append(_skip_stage(channels, width, count, batchnorm))
             channels = width
         self.stages = nn.Sequential(*stages)
         self.head = nn.Sequential(

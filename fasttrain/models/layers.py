@@ -4,17 +4,22 @@ import torch
 from torch import nn
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
-    """Same-padded conv (no bias: the BN shift replaces it) followed by BatchNorm."""
+def conv_bn(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
+            batchnorm: bool = True) -> nn.Sequential:
+    """Same-padded conv followed by BatchNorm (the conv then has no bias: the BN shift replaces it).
+
+    Without BatchNorm the conv gets a bias and an Identity stands where the BN was, so module positions match.
+    """
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=not batchnorm),
+        nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity(),
     )
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
+                 batchnorm: bool = True) -> nn.Sequential:
     """conv_bn followed by ReLU."""
-    return nn.Sequential(*conv_bn(in_channels, out_channels, kernel, stride), nn.ReLU(inplace=True))
+    return nn.Sequential(*conv_bn(in_channels, out_channels, kernel, stride, batchnorm), nn.ReLU(inplace=True))
 
 
 class ResidualBlock(nn.Module):
@@ -24,16 +29,18 @@ class ResidualBlock(nn.Module):
     `branch[-1]` is the last BatchNorm: zeroing its weight and bias zeroes the residual branch.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0,
+                 batchnorm: bool = True) -> None:
         super().__init__()
         self.branch = nn.Sequential(
-            *conv_bn_relu(in_channels, out_channels, stride=stride),
+            *conv_bn_relu(in_channels, out_channels, stride=stride, batchnorm=batchnorm),
             nn.Dropout(dropout),
-            *conv_bn(out_channels, out_channels),
+            *conv_bn(out_channels, out_channels, batchnorm=batchnorm),
         )
         needs_projection = stride != 1 or in_channels != out_channels
         self.shortcut: nn.Module = (
-            conv_bn(in_channels, out_channels, kernel=1, stride=stride) if needs_projection else nn.Identity()
+            conv_bn(in_channels, out_channels, kernel=1, stride=stride, batchnorm=batchnorm)
+            if needs_projection else nn.Identity()
         )
         self.relu = nn.ReLU(inplace=True)
 
@@ -52,9 +59,7 @@ class SkipConnectionBlock(nn.Module):
 
     @staticmethod
     def _conv(in_channels: int, out_channels: int, batchnorm: bool) -> list[nn.Module]:
-        if batchnorm:
-            return list(conv_bn_relu(in_channels, out_channels))
-        return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=True), nn.ReLU(inplace=True)]
+        return list(conv_bn_relu(in_channels, out_channels, batchnorm=batchnorm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.body(x)], dim=1)
