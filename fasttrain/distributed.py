@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -62,3 +63,14 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def inject_fault(rank: int, step: int) -> None:
+    """Fault injection for the reliability tests: FASTTRAIN_INJECT_FAULT="rank=1,step=5" makes that rank raise
+    after that many optimizer steps, as a crashing rank would. Unset (always, outside tests) it does nothing."""
+    spec = os.environ.get("FASTTRAIN_INJECT_FAULT")
+    if not spec:
+        return
+    target = dict(part.split("=") for part in spec.split(","))
+    if int(target["rank"]) == rank and int(target["step"]) == step:
+        raise RuntimeError(f"injected fault on rank {rank} at step {step} (FASTTRAIN_INJECT_FAULT={spec})")

@@ -32,7 +32,7 @@ from fasttrain import checkpoint, models
 from fasttrain.config import Config, default_data_dir, help_text, load_config
 from fasttrain.data.loaders import build_loaders
 from fasttrain.data.manifest import verify
-from fasttrain.distributed import StopSignals, any_rank, from_main, sum_across_ranks, sync_buffers
+from fasttrain.distributed import StopSignals, any_rank, from_main, inject_fault, sum_across_ranks, sync_buffers
 from fasttrain.errors import ConfigError, FasttrainError
 from fasttrain.evaluate import evaluate
 from fasttrain.optim import build_optimizer, build_scheduler, scaled_lr
@@ -314,6 +314,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, correct, images (this epoch)
         window = torch.zeros(3, dtype=torch.float64, device=acc.device)  # the same since the last log line
         self.synchronize()
+        acc.wait_for_everyone()  # start every rank's clock together, so per-rank rates measure the same interval
         t_epoch = t_window = time.perf_counter()
         epoch_train_s = 0.0
         pending_check = None
@@ -334,6 +335,7 @@ class Trainer:
             sums += stats
             window += stats
             self.scheduler.step()
+            inject_fault(acc.process_index, p.step)
             p.step += 1
             p.step_in_epoch += 1
             bar.update(1)
@@ -343,7 +345,7 @@ class Trainer:
                 self.log_step(window, now - t_window, p.train_time_s + epoch_train_s + (now - t_epoch))
                 bar.set_postfix(loss=f"{window[0].item() / max(window[2].item(), 1):.3f}")
                 window.zero_()
-                t_window = time.perf_counter()
+                t_window = now  # logging's own cost lands in the next window, on every rank alike
                 if any_rank(acc, signals.received is not None):
                     epoch_train_s += time.perf_counter() - t_epoch
                     bar.close()
@@ -390,12 +392,13 @@ class Trainer:
     def log_step(self, window: torch.Tensor, seconds: float, time_s: float) -> None:
         loss_sum, correct, n = window.tolist()
         steps = n / self.per_device_batch
-        global_ips = sum_across_ranks(self.acc, [n / seconds])[0]
+        own_ips = n / seconds
+        global_ips = sum_across_ranks(self.acc, [own_ips])[0]  # each rank's own rate, summed
         row = {"kind": "step", "epoch": self.progress.epoch + self.progress.step_in_epoch / self.steps_per_epoch,
                "step": self.progress.step, "time_s": time_s, "wall_s": time.perf_counter() - self.t_start,
                "lr": self.scheduler.get_last_lr()[0], "train_loss": loss_sum / n, "train_acc": correct / n,
                "val_acc": None, "images_per_sec": global_ips, "images_per_sec_per_device": global_ips / self.world,
-               "step_time_ms": 1000 * seconds / steps}
+               "images_per_sec_main": own_ips, "step_time_ms": 1000 * seconds / steps}
         self.record(row)
 
     def end_epoch(self) -> dict:
@@ -419,6 +422,7 @@ class Trainer:
                "wall_s": time.perf_counter() - self.t_start, "lr": self.scheduler.get_last_lr()[0],
                "train_loss": loss_sum / n, "train_acc": correct / n,
                "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
+               "val_count": val["count"] if val else None,
                "images_per_sec": ips, "images_per_sec_per_device": ips / self.world,
                "step_time_ms": 1000 * self.epoch_train_s * self.world * self.per_device_batch / n}
         if acc.device.type == "cuda":

@@ -1,0 +1,111 @@
+"""Scale-out, proven with real processes: `accelerate launch` with 2 CPU processes on gloo."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from test_train import ACCELERATE, TINY, TRAIN, env_for_tests, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+CPU_2PROC = REPO / "launch" / "accelerate" / "cpu_2proc.yaml"
+
+
+def launch(args, cwd: Path, *, processes: int, env_extra=None, timeout=600):
+    """`accelerate launch` of the trainer with `processes` CPU processes; returns (CompletedProcess, seconds)."""
+    env = {**env_for_tests(cwd), "ACCELERATE_USE_CPU": "1", **(env_extra or {})}
+    if processes == 1:
+        launcher = [str(ACCELERATE), "launch", "--num_processes", "1", "--cpu"]
+    else:
+        launcher = [str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), "--num_processes", str(processes),
+                    "--main_process_port", str(29500 + os.getpid() % 1000)]
+    t0 = time.perf_counter()
+    proc = subprocess.run([*launcher, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, shared_archive):
+    out = tmp_path_factory.mktemp("data") / "cifar-slice"
+    subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
+                    "--subset", "1000"], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ffcv", "gpu"])
+def test_two_processes_share_the_work_and_only_rank0_writes(tmp_path, data_dir, mode):
+    run_dir = tmp_path / "run"
+    proc, _ = launch([*TINY, "--data.dir", str(data_dir), "--data.mode", mode, "--run.dir", str(run_dir),
+                      "--train.epochs", "2", "--wandb.mode", "offline"], tmp_path, processes=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2, "a run that silently fell back to one process"
+    assert summary["batch_size_global"] == 100 and summary["batch_size_per_device"] == 50
+    assert "x2" in proc.stdout  # the start-up line names the world size
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    # 1,000 training images: each rank reads its 500, in 10 batches of 50 -> 10 global steps per epoch.
+    assert [r["step"] for r in epochs] == [10, 20]
+    assert all(r["val_count"] == 1000 for r in epochs), "every test image counted exactly once across ranks"
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert len({r["step"] for r in rows if r["kind"] == "step"}) == len(steps), "only rank 0 writes metrics"
+    for r in steps:  # the global rate is the sum of both ranks' own rates (they run in lockstep)
+        assert r["images_per_sec"] == pytest.approx(2 * r["images_per_sec_main"], rel=0.3)
+        assert r["images_per_sec_per_device"] == pytest.approx(r["images_per_sec"] / 2)
+
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1, "only rank 0 starts W&B"
+    last = sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1]
+    assert sorted(p.name for p in last.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert len(list(last.glob("model*.safetensors"))) == 1
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1]
+    return load_file(str(next(last.glob("model*.safetensors"))))
+
+
+def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, data_dir):
+    """Full-batch steps (global batch = all 1,000 images), no augmentation, no BatchNorm, no dropout: each step's
+    gradient is the same whatever the split, so DDP's averaged gradients must give the 1-process weights."""
+    args = ["--model.name", "deepcnn", "--model.widths", "8,16", "--model.blocks", "1,1", "--model.batchnorm", "false",
+            "--train.batch_size", "1000", "--train.lr", "0.05", "--train.lr_ref_batch", "1000",
+            "--train.lr_peak_epoch", "1", "--train.epochs", "4", "--train.label_smoothing", "0",
+            "--train.mixed_precision", "no", "--train.compile", "off", "--train.tta", "false",
+            "--data.dir", str(data_dir), "--data.mode", "gpu", "--data.flip", "false", "--data.translate", "0",
+            "--data.cutout", "0", "--wandb.mode", "disabled"]
+    one, _ = launch([*args, "--run.dir", str(tmp_path / "one")], tmp_path, processes=1)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two, _ = launch([*args, "--run.dir", str(tmp_path / "two")], tmp_path, processes=2)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    initial = {k: v.clone() for k, v in w1.items()}
+    moved = 0.0
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
+        moved = max(moved, float((w1[key] - initial[key]).abs().max()))
+    loss_one = [r["train_loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "epoch"]
+    loss_two = [r["train_loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert loss_one == pytest.approx(loss_two, rel=1e-4)
+    assert loss_one[-1] < loss_one[0], "the runs trained (the comparison is not between two untouched models)"
+
+
+def test_a_rank_that_raises_ends_the_whole_job_quickly(tmp_path, data_dir):
+    proc, seconds = launch([*TINY, "--data.dir", str(data_dir), "--data.mode", "gpu", "--run.dir", str(tmp_path / "r"),
+                            "--train.epochs", "3", "--wandb.mode", "disabled"], tmp_path, processes=2,
+                           env_extra={"FASTTRAIN_INJECT_FAULT": "rank=1,step=5"}, timeout=180)
+    assert proc.returncode != 0
+    assert "injected fault on rank 1 at step 5" in proc.stderr
+    startup_and_run = 60
+    assert seconds < startup_and_run, f"the job took {seconds:.0f} s to die"
