@@ -1,0 +1,217 @@
+"""Convert CIFAR-10 from any supported source into ffcv .beton files plus a manifest, once.
+
+    python -m fasttrain.data.convert --source SRC --out DIR [--subset N] [--force] [--cache-dir D]
+
+SRC: `cifar10` (torchvision download), a cifar-10-batches-py folder or cifar-10-python.tar.gz, or an ImageFolder
+tree train/<class>/*, test/<class>/* as a folder or .tar/.tar.gz/.tgz archive (see fasttrain.data.sources, which
+also defines --subset exactly). DIR receives train.beton and test.beton (ffcv's DatasetWriter: field `image`, an
+RGBImageField stored raw, i.e. lossless; field `label`, an IntField) and manifest.json (fasttrain.data.manifest).
+
+The conversion is atomic: everything is written and fsynced in a temporary sibling directory that is then renamed
+to DIR, so DIR is either absent or complete. Rerunning with the same source and subset reuses DIR (after checking
+its checksums); a DIR made from something else is an error unless --force replaces it.
+
+Run it in a process that is not also iterating an ffcv Loader: DatasetWriter forks, and a fork taken while numba
+compiles in another thread hangs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import fasttrain
+from fasttrain.data import sources
+from fasttrain.data.manifest import (
+    BETON_NAMES,
+    MANIFEST_NAME,
+    convert_command,
+    read_manifest,
+    same_source,
+    sha256_file,
+    verify,
+)
+from fasttrain.errors import DatasetError, FasttrainError
+
+SUBSET_RULE = (
+    "the first N // C images of each class in source order, one more for the first N % C classes "
+    "(sorted class order); kept images stay in source order"
+)
+
+
+class _ArrayDataset:
+    """The indexable DatasetWriter's worker processes read (inherited through fork, not copied)."""
+
+    def __init__(self, split: sources.Split):
+        self.images, self.labels = split.images, split.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def _write_beton(path: Path, split: sources.Split, progress: bool) -> None:
+    from fasttrain.data.ffcv_compat import DatasetWriter, IntField, RGBImageField
+
+    workers = max(1, min(8, os.cpu_count() or 1, len(split.labels) // 5000 + 1))
+    # 2 MiB pages (ffcv's minimum) rather than its 8 MiB default: each worker pads its last page to full size.
+    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                           page_size=1 << 21, num_workers=workers)
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())  # ffcv's own bar
+    with quiet:
+        writer.from_indexed_dataset(_ArrayDataset(split), chunksize=1000)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest(source: str, dataset: sources.Dataset, subset: int | None, folder: Path) -> dict[str, Any]:
+    splits = {}
+    for split, name in BETON_NAMES.items():
+        data = dataset.splits[split]
+        splits[split] = {
+            "file": name,
+            "count": int(len(data.labels)),
+            "per_class": sources.per_class_counts(data.labels, dataset.classes),
+            "bytes": (folder / name).stat().st_size,
+            "sha256": sha256_file(folder / name),
+        }
+    return {
+        "source": {"given": source, "kind": dataset.kind, "path": dataset.path},
+        "subset": subset,
+        "subset_rule": SUBSET_RULE if subset is not None else None,
+        "classes": dataset.classes,
+        "image_shape": list(sources.IMAGE_SHAPE),
+        "fields": {"image": "RGBImageField, raw (lossless) uint8 HWC", "label": "IntField, index into classes"},
+        "splits": splits,
+        "fasttrain_version": fasttrain.__version__,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _check_destination(out: Path, source: str, ref: sources.SourceRef, subset: int | None,
+                       force: bool) -> dict[str, Any] | None:
+    """The existing manifest if `out` already holds this conversion; None if `out` may be (re)written."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise DatasetError(f"--out {out} exists and is not a directory; choose another --out")
+    contents = {p.name for p in out.iterdir()}
+    if not contents:
+        return None
+    if MANIFEST_NAME not in contents:
+        if force and contents <= {MANIFEST_NAME, *BETON_NAMES.values()}:
+            return None
+        raise DatasetError(f"--out {out} is a non-empty directory without {MANIFEST_NAME}, so not a fasttrain "
+                           f"data set; choose a new or empty --out (nothing there was touched)")
+    if force:
+        return None
+    try:
+        manifest = read_manifest(out)
+    except DatasetError as e:
+        raise DatasetError(f"{e}\nTo replace it: `{convert_command(source, out, subset, force=True)}`") from None
+    if same_source(manifest, ref.kind, str(ref.path) if ref.path else None, subset):
+        return manifest
+    old = manifest.get("source", {})
+    raise DatasetError(
+        f"{out} holds a data set converted from {old.get('given')!r} ({old.get('kind')}) with subset "
+        f"{manifest.get('subset')}, not from {source!r} with subset {subset}; pass --force to replace it "
+        f"(`{convert_command(source, out, subset, force=True)}`) or choose another --out"
+    )
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished `tmp` to `out`; with force, swap out an existing `out` and delete it afterwards."""
+    try:
+        os.rename(tmp, out)  # atomic; also replaces an empty directory
+    except OSError:
+        if not force:
+            raise DatasetError(f"{out} appeared while converting (a concurrent conversion?); nothing was "
+                               f"replaced: rerun the same command to reuse it, or add --force") from None
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(out.parent)
+
+
+def convert(source: str, out: str | Path, subset: int | None = None, force: bool = False,
+            cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Convert `source` into `out`/{train,test}.beton and manifest.json; returns the manifest (see module doc)."""
+    start = time.perf_counter()
+    out = Path(out).expanduser().absolute()
+    ref = sources.resolve(source)
+    existing = _check_destination(out, source, ref, subset, force)
+    if existing is not None:
+        verify(out)
+        print(f"{out} already holds this conversion (source {source!r}, subset {subset}): reused, not rewritten")
+        return existing
+
+    dataset = sources.load(ref, subset, Path(cache_dir) if cache_dir else None, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+        for split, name in BETON_NAMES.items():
+            _write_beton(tmp / name, dataset.splits[split], progress)
+            _fsync(tmp / name)
+        manifest = _manifest(source, dataset, subset, tmp)
+        with open(tmp / MANIFEST_NAME, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+        _install(tmp, out, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
+
+    megabytes = sum(s["bytes"] for s in manifest["splits"].values()) / 1e6
+    counts = ", ".join(f"{s['count']} {split}" for split, s in manifest["splits"].items())
+    print(f"wrote {out}: {counts} images ({dataset.kind}), {megabytes:.1f} MB, in {time.perf_counter() - start:.1f} s")
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fasttrain-convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default="cifar10",
+                        help="cifar10 (torchvision download), a cifar-10-batches-py folder, cifar-10-python.tar.gz, "
+                             "or an ImageFolder train/ test/ tree as a folder or .tar/.tar.gz/.tgz (default: cifar10)")
+    parser.add_argument("--out", required=True, help="directory to create (train.beton, test.beton, manifest.json)")
+    parser.add_argument("--subset", type=int, default=None,
+                        help="keep N images per split (train and test): " + SUBSET_RULE.replace("%", "%%"))
+    parser.add_argument("--force", action="store_true", help="replace an --out converted from another source/subset")
+    parser.add_argument("--cache-dir", default=None,
+                        help=f"torchvision download cache for --source cifar10 (default {sources.DEFAULT_CACHE_DIR})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.source, args.out, subset=args.subset, force=args.force, cache_dir=args.cache_dir,
+                progress=not args.quiet)
+    except FasttrainError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

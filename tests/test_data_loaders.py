@@ -1,0 +1,420 @@
+"""Loaders: both modes yield the same images in the same order, augment with ffcv's distributions, keep the promised
+format, and shard exactly over two processes.
+
+The data set is made for inspection: image i has channel 0 = 8y + 4 and channel 1 = 8x + 4 at pixel (y, x) (never
+0, so filled pixels show), channel 2 = i % 250 + 1, and label i. From any augmented output one can read back
+where each pixel came from, hence the flip, the shift and the cutout square.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from fasttrain.data import augment
+from fasttrain.data.normalize import denormalize
+from fasttrain.errors import ConfigError, DatasetError
+
+N_TRAIN, N_TEST = 96, 21  # N_TEST odd: two ranks share it unevenly
+BATCH = 32
+EPOCHS_FOR_STATS = 6  # 576 augmented samples per configuration
+
+
+def pattern_images(indices: np.ndarray) -> np.ndarray:
+    """uint8 [N,32,32,3] inspection images (see module docstring)."""
+    y, x = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    images = np.empty((len(indices), 32, 32, 3), dtype=np.uint8)
+    images[..., 0] = 8 * y + 4
+    images[..., 1] = 8 * x + 4
+    images[..., 2] = (np.asarray(indices) % 250 + 1)[:, None, None]
+    return images
+
+
+_WRITE_BETONS = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_data_loaders import pattern_images
+from fasttrain.data.ffcv_compat import DatasetWriter, IntField, RGBImageField
+
+class Indexed:
+    def __init__(self, n): self.images = pattern_images(np.arange(n))
+    def __len__(self): return len(self.images)
+    def __getitem__(self, i): return self.images[i], i
+
+for name, n in (("train", int(sys.argv[3])), ("test", int(sys.argv[4]))):
+    fields = {"image": RGBImageField(), "label": IntField()}
+    writer = DatasetWriter(f"{sys.argv[1]}/{name}.beton", fields, num_workers=1)
+    writer.from_indexed_dataset(Indexed(n))
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A test-only data directory whose label is the sample index, written in a subprocess (DatasetWriter forks)."""
+    out = tmp_path_factory.mktemp("indexed")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", _WRITE_BETONS, str(out), str(Path(__file__).parent), str(N_TRAIN),
+                    str(N_TEST)], check=True, capture_output=True, env=env, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaders(data_dir):
+    """build_loaders with small batches and one worker (numba compiles serial code faster), cached per options."""
+    from fasttrain.data.loaders import build_loaders
+
+    cache = {}
+
+    def get(mode: str, **options):
+        key = (mode, tuple(sorted(options.items())))
+        if key not in cache:
+            kwargs = dict(batch_size=BATCH, eval_batch_size=8, workers=1, device="cpu", seed=0) | options
+            cache[key] = build_loaders(data_dir, mode=mode, **kwargs)
+        return cache[key]
+
+    return get
+
+
+# ---- reading back what augmentation did ----
+
+
+def geometry(image: np.ndarray, index: int) -> tuple[bool, int, int]:
+    """(flipped, shift_y, shift_x) of an HWC uint8 output; asserts that every unfilled pixel agrees with them."""
+    visible = image.any(axis=2)
+    ys, xs = np.nonzero(visible)
+    src_y, src_x = (image[ys, xs, 0].astype(int) - 4) // 8, (image[ys, xs, 1].astype(int) - 4) // 8
+    assert (image[ys, xs, 2] == index % 250 + 1).all(), "pixels of another image"
+    shift_y = np.unique(ys - src_y)
+    assert len(shift_y) == 1, "rows moved by different amounts"
+    if len(np.unique(xs - src_x)) == 1:
+        return False, int(shift_y[0]), int((xs - src_x)[0])
+    mirrored = np.unique(xs - (31 - src_x))
+    assert len(mirrored) == 1, "columns are neither shifted nor mirrored-and-shifted consistently"
+    return True, int(shift_y[0]), int(mirrored[0])
+
+
+def fill_outside_source(shift_y: int, shift_x: int) -> np.ndarray:
+    """Pixels a translation by (shift_y, shift_x) leaves uncovered."""
+    y, x = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    return ((y - shift_y) < 0) | ((y - shift_y) >= 32) | ((x - shift_x) < 0) | ((x - shift_x) >= 32)
+
+
+def cutout_square(image: np.ndarray, band: np.ndarray, size: int) -> tuple[int, int] | None:
+    """Top-left corner of the filled square outside `band`; asserts it fits in a size x size square in the image."""
+    holes = ~image.any(axis=2) & ~band
+    if not holes.any():
+        return None
+    ys, xs = np.nonzero(holes)
+    assert ys.max() - ys.min() < size and xs.max() - xs.min() < size, "filled area larger than the cutout square"
+    return int(ys.min()), int(xs.min())
+
+
+def epochs_of(loader, epochs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(HWC uint8 images, labels) of `epochs` epochs, checking the promised batch format on the way."""
+    out = []
+    for _ in range(epochs):
+        for images, labels in loader:
+            assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+            assert images.is_contiguous(memory_format=torch.channels_last)
+            assert labels.dtype == torch.int64 and labels.shape == images.shape[:1]
+            out.append((denormalize(images).permute(0, 2, 3, 1).numpy(), labels.numpy().copy()))
+    return out
+
+
+def samples(batches) -> list[tuple[np.ndarray, int]]:
+    return [(img, int(lab)) for images, labels in batches for img, lab in zip(images, labels)]
+
+
+# ---- order, pixels, format ----
+
+
+def test_both_modes_read_the_same_images_in_the_same_order(loaders):
+    orders = {}
+    for mode in ("ffcv", "gpu"):
+        train, evaluation = loaders(mode, augment=False, drop_last=False)
+        assert len(train) == N_TRAIN // BATCH and train.num_samples == N_TRAIN and train.dataset_size == N_TRAIN
+        assert train.epoch == 0
+        epochs = [samples(epochs_of(train, 1)) for _ in range(2)]
+        assert train.epoch == 2
+        for epoch in epochs:
+            assert sorted(label for _, label in epoch) == list(range(N_TRAIN))
+            for image, label in epoch:
+                np.testing.assert_array_equal(image, pattern_images(np.array([label]))[0])
+        train.epoch = 1  # resuming replays that epoch's order
+        assert [label for _, label in samples(epochs_of(train, 1))] == [label for _, label in epochs[1]]
+        orders[mode] = [[label for _, label in epoch] for epoch in epochs]
+        assert orders[mode][0] != orders[mode][1]
+
+        got = [(denormalize(x).permute(0, 2, 3, 1).numpy(), y.numpy().copy(), v.numpy().copy())
+               for x, y, v in evaluation]
+        np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), np.arange(N_TEST))
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), pattern_images(np.arange(N_TEST)))
+        assert all(g[2].all() for g in got) and evaluation.num_samples == evaluation.num_yielded == N_TEST
+        assert len(evaluation) == 3
+    assert orders["ffcv"] == orders["gpu"]
+
+
+def test_drop_last_keeps_whole_batches(loaders):
+    for mode in ("ffcv", "gpu"):
+        train, _ = loaders(mode, augment=False, batch_size=40, drop_last=True)
+        assert len(train) == 2 and train.num_samples == 80
+        assert [len(y) for _, y in train] == [40, 40]
+
+
+@pytest.mark.parametrize("mode", ["ffcv", "gpu"])
+def test_contiguous_format_when_channels_last_is_off(loaders, mode):
+    _, evaluation = loaders(mode, augment=False, channels_last=False)
+    images, _, _ = next(iter(evaluation))
+    assert images.is_contiguous() and not images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_building_and_iterating_keeps_torch_threads(loaders):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train, _ = loaders("ffcv", augment=False, workers=1, batch_size=16)
+        for _ in train:
+            pass
+        assert torch.get_num_threads() == 2, "ffcv's Loader(num_workers=1) changed torch's thread count"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_leaving_an_ffcv_epoch_early_stops_its_thread(loaders):
+    train, _ = loaders("ffcv", augment=False, batch_size=4)  # 24 batches: more than ffcv prepares ahead
+    threads = threading.active_count()
+    batches = iter(train)
+    next(batches)
+    time.sleep(0.5)
+    assert threading.active_count() == threads + 1  # ffcv's EpochIterator thread, blocked on its full queue
+    del batches
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == threads
+
+
+def test_bad_arguments(data_dir, tmp_path):
+    from fasttrain.data.loaders import build_loaders
+
+    with pytest.raises(DatasetError, match="train.beton is missing.*fasttrain.data.convert"):
+        build_loaders(tmp_path, batch_size=4, eval_batch_size=4, workers=1, device="cpu")
+    with pytest.raises(ConfigError, match="mode"):
+        build_loaders(data_dir, mode="tpu", batch_size=4, eval_batch_size=4, workers=1, device="cpu")
+    with pytest.raises(ConfigError, match="cutout"):
+        build_loaders(data_dir, batch_size=4, eval_batch_size=4, workers=1, device="cpu", cutout=40)
+
+
+def test_measure_loader(loaders):
+    from fasttrain.data.throughput import measure_loader
+
+    train, _ = loaders("gpu", augment=False, drop_last=False)
+    result = measure_loader(train, epochs=2)
+    assert result["images_per_epoch"] == N_TRAIN and result["images_per_s"] > 0 and result["warmup_s"] > 0
+
+
+# ---- augmentation: the torch ops ----
+
+
+def pattern_batch(n: int = 256, dtype=torch.uint8) -> torch.Tensor:
+    return torch.from_numpy(pattern_images(np.arange(n))).permute(0, 3, 1, 2).contiguous().to(dtype)
+
+
+def as_hwc(batch: torch.Tensor) -> np.ndarray:
+    return batch.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_torch_flip_mirrors():
+    batch, generator = pattern_batch(), torch.Generator().manual_seed(0)
+    torch.testing.assert_close(augment.flip(batch, generator, p=1.0), batch.flip(3))
+    torch.testing.assert_close(augment.flip(batch, generator, p=0.0), batch)
+    out = augment.flip(batch, generator)
+    mirrored = (out == batch.flip(3)).flatten(1).all(1)
+    assert ((out == batch).flatten(1).all(1) ^ mirrored).all()
+    assert 0.4 < mirrored.float().mean() < 0.6
+
+
+@pytest.mark.parametrize("padding", [1, 2, 4])
+def test_torch_translate_shifts_within_bounds_and_fills_zeros(padding):
+    batch = pattern_batch(40 * (2 * padding + 1) ** 2)
+    out = augment.translate(batch, padding, torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape and out.dtype == batch.dtype
+    shifts = []
+    for i, image in enumerate(as_hwc(out)):
+        flipped, dy, dx = geometry(image, i)
+        assert not flipped and abs(dy) <= padding and abs(dx) <= padding
+        band = fill_outside_source(dy, dx)
+        assert not image[band].any() and image[~band].all(axis=1).all(), "fill must be exactly the uncovered band"
+        shifts.append((dy, dx))
+    assert len(set(shifts)) == (2 * padding + 1) ** 2  # every shift occurs
+    uniform_enough([dy for dy, _ in shifts], -padding, padding)
+    uniform_enough([dx for _, dx in shifts], -padding, padding)
+
+
+def test_torch_cutout_fills_exactly_one_square_inside():
+    batch = pattern_batch(2000)
+    out = augment.cutout(batch, 8, torch.Generator().manual_seed(0))
+    corners = []
+    for image in as_hwc(out):
+        holes = ~image.any(axis=2)
+        assert holes.sum() == 64
+        corner = cutout_square(image, np.zeros((32, 32), bool), 8)
+        assert corner is not None and 0 <= min(corner) and max(corner) <= 24
+        corners.append(corner)
+    uniform_enough([c[0] for c in corners], 0, 24)
+    uniform_enough([c[1] for c in corners], 0, 24)
+
+
+def test_torch_ops_keep_float_dtype_device_and_are_seeded():
+    batch = pattern_batch(8, torch.float32)
+    for op in (lambda g: augment.flip(batch, g), lambda g: augment.translate(batch, 2, g),
+               lambda g: augment.cutout(batch, 8, g)):
+        a, b = op(torch.Generator().manual_seed(3)), op(torch.Generator().manual_seed(3))
+        assert a.dtype == torch.float32 and a.shape == batch.shape and a.device == batch.device
+        torch.testing.assert_close(a, b)
+
+
+# ---- augmentation: both loader modes, single steps and the full pipeline, same distributions ----
+
+SINGLE_STEPS = {
+    "flip": dict(flip=True, translate=0, cutout=0),
+    "translate": dict(flip=False, translate=2, cutout=0),
+    "cutout": dict(flip=False, translate=0, cutout=8),
+}
+
+
+def uniform_enough(values: list[int], low: int, high: int) -> None:
+    """All of low..high occur, nothing else, each value's share within half to 1.5x of uniform (loose: ~5 sigma)."""
+    counts = np.bincount(np.asarray(values) - low, minlength=high - low + 1)
+    assert min(values) == low and max(values) == high
+    expected = len(values) / (high - low + 1)
+    if expected >= 50:
+        assert (counts > 0.5 * expected).all() and (counts < 1.5 * expected).all(), counts
+    else:
+        assert abs(np.mean(values) - (low + high) / 2) < 5 * np.std(values) / np.sqrt(len(values)) + 0.5
+
+
+@pytest.mark.parametrize("mode", ["ffcv", "gpu"])
+@pytest.mark.parametrize("step", list(SINGLE_STEPS))
+def test_single_augmentation_step(loaders, mode, step):
+    train, _ = loaders(mode, drop_last=False, **SINGLE_STEPS[step])
+    flips, shifts_y, shifts_x, corners_y, corners_x = [], [], [], [], []
+    for image, index in samples(epochs_of(train, EPOCHS_FOR_STATS)):
+        flipped, dy, dx = geometry(image, index)
+        band = fill_outside_source(dy, dx)
+        assert not image[band].any()
+        corner = cutout_square(image, band, 8)
+        flips.append(int(flipped))
+        shifts_y.append(dy)
+        shifts_x.append(dx)
+        if step == "cutout":
+            assert corner is not None and (~image.any(axis=2)).sum() == 64
+            corners_y.append(corner[0])
+            corners_x.append(corner[1])
+        else:
+            assert corner is None
+    if step == "flip":
+        assert 0.4 < np.mean(flips) < 0.6 and set(shifts_y) == set(shifts_x) == {0}
+    elif step == "translate":
+        assert not any(flips)
+        uniform_enough(shifts_y, -2, 2)
+        uniform_enough(shifts_x, -2, 2)
+        assert len(set(zip(shifts_y, shifts_x))) == 25
+    else:
+        assert not any(flips) and set(shifts_y) == set(shifts_x) == {0}
+        uniform_enough(corners_y, 0, 24)
+        uniform_enough(corners_x, 0, 24)
+
+
+@pytest.mark.parametrize("mode", ["ffcv", "gpu"])
+def test_full_pipeline(loaders, mode):
+    train, _ = loaders(mode, flip=True, translate=2, cutout=8)
+    flips = []
+    for image, index in samples(epochs_of(train, 2)):
+        flipped, dy, dx = geometry(image, index)
+        assert abs(dy) <= 2 and abs(dx) <= 2
+        band = fill_outside_source(dy, dx)
+        assert not image[band].any()
+        holes_outside_band = (~image.any(axis=2) & ~band).sum()
+        assert holes_outside_band <= 64
+        cutout_square(image, band, 8)
+        flips.append(flipped)
+    assert 0 < np.mean(flips) < 1
+
+
+def test_gpu_mode_augmentation_is_reproducible(loaders):
+    train, _ = loaders("gpu", flip=True, translate=2, cutout=8)
+    train.epoch = 5
+    first = epochs_of(train, 1)
+    train.epoch = 5
+    again = epochs_of(train, 1)
+    for (a, la), (b, lb) in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+
+
+# ---- two processes ----
+
+_SHARDED = """
+import json, sys
+from accelerate import Accelerator
+from accelerate.launchers import debug_launcher
+
+def shard(data_dir, out_dir):
+    import torch
+    from fasttrain.data.loaders import build_loaders
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == 2 and torch.distributed.get_world_size() == 2, "not two processes"
+    result = {}
+    for mode in ("ffcv", "gpu"):
+        train, evaluation = build_loaders(data_dir, mode=mode, batch_size=16, eval_batch_size=4, workers=1,
+                                          device="cpu", seed=7, distributed=True, rank=acc.process_index,
+                                          world_size=2, augment=False, drop_last=False)
+        epochs = [[y.tolist() for _, y in train] for _ in range(2)]
+        batches = [(y.tolist(), v.tolist()) for _, y, v in evaluation]
+        result[mode] = {"train": epochs, "train_len": len(train), "eval": batches,
+                        "eval_num_samples": evaluation.num_samples}
+    with open(f"{out_dir}/rank{acc.process_index}.json", "w") as f:
+        json.dump(result, f)
+
+debug_launcher(lambda: shard(sys.argv[1], sys.argv[2]), num_processes=2)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_cover_every_sample_exactly_once(data_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", _SHARDED, str(data_dir), str(tmp_path)], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for mode in ("ffcv", "gpu"):
+        per_rank = [r[mode] for r in ranks]
+        assert per_rank[0]["train_len"] == per_rank[1]["train_len"] == N_TRAIN // 2 // 16
+        for epoch in range(2):
+            shards = [sum(r["train"][epoch], []) for r in per_rank]
+            assert len(shards[0]) == len(shards[1]) == N_TRAIN // 2
+            assert sorted(shards[0] + shards[1]) == list(range(N_TRAIN)), f"{mode} epoch {epoch}"
+        assert per_rank[0]["train"][0] != per_rank[0]["train"][1], "each epoch needs a new order"
+
+        counted = []
+        for r, rank in enumerate(per_rank):
+            labels = sum((b[0] for b in rank["eval"]), [])
+            valid = sum((b[1] for b in rank["eval"]), [])
+            assert rank["eval_num_samples"] == len(range(r, N_TEST, 2)) == sum(valid)
+            counted += [label for label, ok in zip(labels, valid) if ok]
+        assert sorted(counted) == list(range(N_TEST)), f"{mode}: each test image must count exactly once"
+    assert [r["ffcv"]["train"] for r in ranks] == [r["gpu"]["train"] for r in ranks], "modes shard differently"
