@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fasttrain.errors import ConfigError
+from fasttrain.distributed import inject_fault
+from fasttrain.errors import ConfigError, FasttrainError
 
 META = "meta.json"
 PREFIX = "ckpt-"
@@ -71,21 +72,34 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    _fsync_tree(tmp)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return None
-    meta = {"complete": True, "epoch": progress.epoch, "step": progress.step,
-            "step_in_epoch": progress.step_in_epoch, "world_size": accelerator.num_processes, "config": config}
-    with open(tmp / META, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # same step saved twice (an interrupt right after an epoch-end save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    try:
+        accelerator.save_state(str(tmp))
+        _fsync_tree(tmp)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
+        meta = {"complete": True, "epoch": progress.epoch, "step": progress.step,
+                "step_in_epoch": progress.step_in_epoch, "world_size": accelerator.num_processes, "config": config}
+        with open(tmp / META, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        inject_fault(accelerator.process_index, progress.step, at="checkpoint")
+        if final.exists():  # same step saved twice (an interrupt right after an epoch-end save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+    except Exception as e:
+        # safetensors reports a full disk as its own error type, not OSError: recognise both.
+        if not (isinstance(e, OSError) or "I/O error" in str(e)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(ckpt_root)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
+        raise FasttrainError(
+            f"could not write checkpoint {final}: {reason}; {kept}. "
+            f"Free disk space or choose another --run.dir, then continue with --resume auto") from None
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -192,6 +192,8 @@ class Trainer:
         if resume_from is not None:
             checkpoint.check_compatible(resume_from, cfg.to_dict(), self.world, force=cfg.run.resume == "force")
             acc.load_state(str(resume_from))
+            # The schedule's shape comes from this run's config; so must its peak (differs only under --resume force).
+            self.scheduler.scheduler.base_lrs = [self.lr_peak for _ in self.optimizer.param_groups]
             self.log(f"resumed from {resume_from}: epoch {self.progress.epoch}, step {self.progress.step}")
         elif cfg.run.resume in ("auto", "force"):
             self.log(f"--resume {cfg.run.resume}: no checkpoint in {self.ckpt_root}, starting from scratch")

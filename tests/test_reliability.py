@@ -1,0 +1,261 @@
+"""Fault injection: crashes, signals, bad numbers, bad files and dead ranks never lose work and never hang.
+
+Real processes and files throughout: `kill -9`, SIGINT, a truncated .beton, a file-size limit for a full disk.
+FASTTRAIN_INJECT_FAULT (fasttrain/distributed.py) only picks the moment: the kill itself is a real SIGKILL.
+"""
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_distributed import launch
+from test_train import TINY, TRAIN, checkpoint_steps, env_for_tests, read_jsonl, run_train
+
+pytestmark = pytest.mark.slow
+
+FAST = [*TINY, "--data.mode", "gpu", "--wandb.mode", "disabled"]  # 10 steps per epoch on the 1,000-image slice
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, shared_archive):
+    out = tmp_path_factory.mktemp("data") / "cifar-slice"
+    subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
+                    "--subset", "1000"], check=True, capture_output=True)
+    return out
+
+
+def start(args, cwd, env_extra=None, **kwargs):
+    env = {**env_for_tests(cwd), **(env_extra or {})}
+    return subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout=300) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and any(r["step"] >= step for r in read_jsonl(metrics)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never logged")
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+def test_kill_9_mid_epoch_then_resume_loses_at_most_an_epoch(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    args = [*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)]
+    proc = start(args, tmp_path)
+    wait_for_step(run_dir, 16, proc)  # epoch 2 under way, its checkpoint not yet written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert checkpoint_steps(run_dir) == [10], "the epoch-1 checkpoint is the last complete one"
+    rows_before = read_jsonl(run_dir / "metrics.jsonl")
+
+    out = run_train([*args, "--resume", "auto"], tmp_path).stdout
+    assert "resumed from" in out and "step 10" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["epochs"] == 3 and summary["status"] == "finished"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert rows[: len([r for r in rows_before if r["step"] <= 10])] == [r for r in rows_before if r["step"] <= 10], \
+        "metrics.jsonl continued: the rows up to the checkpoint are kept as they were"
+    steps = [r["step"] for r in rows if r["kind"] == "step"]
+    assert steps == sorted(set(steps)), "rows logged after the checkpoint were dropped before training went on"
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    args = [*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)]
+    proc = start(args, tmp_path, env_extra={"FASTTRAIN_INJECT_FAULT": "at=checkpoint,step=20,action=kill"})
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = run_dir / "checkpoints"
+    assert checkpoint_steps(run_dir) == [10]
+    assert list(ckpts.glob(".tmp-*")), "the kill struck mid-write: a partial checkpoint exists"
+    intact = sorted(ckpts.glob("ckpt-*"))[0]
+    before = tree_digest(intact)
+
+    out = run_train([*args, "--resume", "auto"], tmp_path).stdout
+    assert f"resumed from {intact}" in out
+    assert not list(ckpts.glob(".tmp-*")), "the partial checkpoint was cleaned up"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 30
+    assert not intact.exists() or tree_digest(intact) == before  # pruned by keep=2 later, never modified
+
+
+def test_sigint_writes_a_checkpoint_and_says_interrupted(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    proc = start([*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)], tmp_path)
+    wait_for_step(run_dir, 14, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "SIGINT received" in out and "--resume auto" in out
+    steps = checkpoint_steps(run_dir)
+    assert steps[-1] > 10 and steps[-1] % 10, "a checkpoint mid-epoch 2"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == steps[-1]
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] <= steps[-1]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    base = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir)]
+    run_train([*base, "--train.epochs", "1"], tmp_path)
+    good = sorted((run_dir / "checkpoints").glob("ckpt-*"))
+    digest = tree_digest(good[0])
+    # Same run continued with an absurd learning rate: the loss overflows within a couple of steps.
+    proc = run_train([*base, "--train.epochs", "2", "--train.lr", "1e30", "--resume", "force"], tmp_path, check=False)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    message = proc.stderr
+    assert "loss became" in message and "at optimizer step 1" in message and "--train.lr" in message
+    failed_step = int(message.split("at optimizer step ")[1].split()[0])
+    assert 11 <= failed_step <= 13, "stopped within a step or two of the blow-up"
+    assert sorted((run_dir / "checkpoints").glob("ckpt-*")) == good and tree_digest(good[0]) == digest
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "nonfinite_loss"
+
+
+def test_nonfinite_skip_mode_skips_then_gives_up(tmp_path, data_dir):
+    proc = run_train([*FAST, "--data.dir", str(data_dir), "--run.dir", str(tmp_path / "r"), "--train.epochs", "1",
+                      "--train.lr", "1e30", "--train.schedule", "constant", "--train.nonfinite", "skip",
+                      "--train.max_skips", "3"], tmp_path, check=False)
+    assert proc.returncode == 3
+    assert proc.stdout.count("step skipped") == 4 and "more than train.max_skips=3" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-byte", "missing-manifest"])
+def test_damaged_dataset_is_refused_before_training(tmp_path, data_dir, damage):
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    beton = broken / "train.beton"
+    if damage == "truncate":
+        os.truncate(beton, beton.stat().st_size // 2)
+    elif damage == "flip-byte":
+        with open(beton, "r+b") as f:
+            f.seek(beton.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        (broken / "manifest.json").unlink()
+        (broken / "manifest.json").mkdir()  # unreadable, and not replaced by a silent re-conversion
+    proc = run_train([*FAST, "--data.dir", str(broken), "--run.dir", str(tmp_path / "r")], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "fasttrain.data.convert" in proc.stderr and "Traceback" not in proc.stderr
+    if damage != "missing-manifest":
+        assert "train.beton" in proc.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_missing_dataset_and_source_names_the_option(tmp_path):
+    proc = run_train([*FAST, "--data.source", str(tmp_path / "no-such-archive.tar.gz"), "--data.dir",
+                      str(tmp_path / "data"), "--run.dir", str(tmp_path / "r")], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "no-such-archive.tar.gz" in proc.stderr + proc.stdout and "--data.source" in proc.stderr
+    assert not (tmp_path / "data").exists(), "nothing half-written"
+
+
+def test_resume_with_a_different_model_is_refused_unless_forced(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    base = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "1"]
+    run_train(base, tmp_path)
+    other = [*base, "--model.widths", "8,32", "--resume", "auto"]
+    proc = run_train(other, tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "model.widths" in proc.stderr and "[8, 16]" in proc.stderr and "[8, 32]" in proc.stderr
+    assert "--resume force" in proc.stderr
+
+
+def test_unwritable_run_dir_is_refused_at_start(tmp_path, data_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = run_train([*FAST, "--data.dir", str(data_dir), "--run.dir", str(blocker / "run")], tmp_path, check=False)
+    assert proc.returncode == 2 and "cannot write" in proc.stderr and "--run.dir" in proc.stderr
+
+
+def test_disk_full_at_save_time_keeps_the_previous_checkpoint(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    args = [*FAST, "--model.widths", "16,32", "--data.dir", str(data_dir), "--train.epochs", "2",
+            "--run.dir", str(run_dir)]
+    proc = start(args, tmp_path)
+    wait_for_step(run_dir, 12, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    previous = sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1]
+    digest = tree_digest(previous)
+    model_bytes = next(previous.glob("model*.safetensors")).stat().st_size
+
+    def small_disk():  # no file may grow past half the model's size: the next model file cannot be written
+        resource.setrlimit(resource.RLIMIT_FSIZE, (model_bytes // 2, model_bytes // 2))
+
+    proc = start([*args, "--resume", "auto"], tmp_path, preexec_fn=small_disk)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert "could not write checkpoint" in out and f"previous checkpoint {previous} is intact" in out
+    assert tree_digest(previous) == digest and not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_wandb_unreachable_falls_back_to_offline_once(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40}
+    proc = subprocess.run([sys.executable, str(TRAIN), *TINY, "--data.mode", "gpu", "--data.dir", str(data_dir),
+                           "--run.dir", str(run_dir), "--train.epochs", "1", "--wandb.mode", "online"],
+                          cwd=tmp_path, env={**env_for_tests(tmp_path), **env}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("wandb sync") == 1, "says so once, with how to upload later"
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_not_logged_in_means_offline_by_default(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    proc = run_train([*TINY, "--data.mode", "gpu", "--data.dir", str(data_dir), "--run.dir", str(run_dir),
+                      "--train.epochs", "1"], tmp_path)
+    assert "offline" in proc.stdout and list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_batch_that_does_not_divide_across_ranks_is_refused(tmp_path, data_dir):
+    proc, _ = launch([*FAST, "--data.dir", str(data_dir), "--train.batch_size", "101", "--run.dir",
+                      str(tmp_path / "r")], tmp_path, processes=2, timeout=120)
+    assert proc.returncode != 0
+    assert "train.batch_size" in proc.stderr and "multiple of 2" in proc.stderr
+
+
+def test_a_rank_killed_with_sigkill_ends_the_job_within_a_minute(tmp_path, data_dir):
+    import psutil
+
+    run_dir = tmp_path / "r"
+    env = {**env_for_tests(tmp_path), "ACCELERATE_USE_CPU": "1"}
+    from test_distributed import ACCELERATE, CPU_2PROC
+
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), "--main_process_port",
+           str(29500 + (os.getpid() + 7) % 1000), str(TRAIN), *FAST, "--data.dir", str(data_dir), "--run.dir",
+           str(run_dir), "--train.epochs", "50"]
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, 4, job)
+    rank1 = [p for p in psutil.Process(job.pid).children(recursive=True)
+             if p.environ().get("RANK") == "1" and "train.py" in " ".join(p.cmdline())]
+    assert len(rank1) == 1
+    t0 = time.perf_counter()
+    rank1[0].kill()
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.perf_counter() - t0 < 60, "the surviving rank must not hang"
+    assert "Signals.SIGKILL" in out or "SIGKILL" in out or "exitcode" in out
