@@ -65,12 +65,17 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def inject_fault(rank: int, step: int) -> None:
-    """Fault injection for the reliability tests: FASTTRAIN_INJECT_FAULT="rank=1,step=5" makes that rank raise
-    after that many optimizer steps, as a crashing rank would. Unset (always, outside tests) it does nothing."""
+def inject_fault(rank: int, step: int, at: str = "step") -> None:
+    """Fault injection for the reliability tests, off unless FASTTRAIN_INJECT_FAULT is set:
+    "rank=1,step=5" makes rank 1 raise after 5 optimizer steps, as a crashing rank would;
+    "at=checkpoint,step=20,action=kill" makes the process SIGKILL itself while writing the checkpoint of step 20,
+    after its files are written and before they are renamed into place."""
     spec = os.environ.get("FASTTRAIN_INJECT_FAULT")
     if not spec:
         return
-    target = dict(part.split("=") for part in spec.split(","))
-    if int(target["rank"]) == rank and int(target["step"]) == step:
-        raise RuntimeError(f"injected fault on rank {rank} at step {step} (FASTTRAIN_INJECT_FAULT={spec})")
+    target = dict(part.split("=", 1) for part in spec.split(","))
+    if target.get("at", "step") != at or int(target.get("rank", 0)) != rank or int(target["step"]) != step:
+        return
+    if target.get("action", "raise") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault on rank {rank} at step {step} (FASTTRAIN_INJECT_FAULT={spec})")
