@@ -1,0 +1,568 @@
+"""Benchmarks of fasttrain's parts and of whole runs. Each sub-command prints ONE JSON object (one line) on stdout,
+with the environment it ran in; progress and library chatter go to stderr.
+
+    python -m fasttrain.bench loader   --data DIR --mode ffcv|gpu [--batch-size 512 --workers 8 --epochs 4]
+    python -m fasttrain.bench step     [--model resnet9 --batch-size 512 --precision bf16 --compile --steps 50]
+    python -m fasttrain.bench overhead [the options of step]
+    python -m fasttrain.bench e2e      --config resnet9 [--target-acc 0.91] [-- --data.dir DIR ...trainer options]
+
+loader: images/s of the training loader with training augmentations; the first epoch is warm-up (ffcv's numba JIT,
+the one-time read of mode "gpu" is `setup_s`), the figure is the median over the later epochs.
+step: training images/s of a model on a fixed synthetic batch already on the device (forward, the trainer's loss,
+backward, SGD step): warm-up steps apart (they hold torch.compile's compilation), median over repeats.
+overhead: the same model and batch through fasttrain's loop (an Accelerator as the trainer makes it, and the trainer's
+own step methods) and through a bare PyTorch loop, repeats interleaved in one process; overhead is the median of the
+per-repeat relative differences in step time.
+e2e: the trainer end to end in a subprocess; reads its summary.json (time to target, accuracies, images/s, times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fasttrain
+from fasttrain import models
+from fasttrain.config import Config, DataSection, TrainSection, coerce
+from fasttrain.errors import ConfigError, FasttrainError
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_TRAIN_IMAGES = 50_000  # one epoch, for the LR schedule of the overhead loop (its values do not matter)
+EXIT_BAD_INPUT = 2
+
+
+class BenchError(FasttrainError):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# --- environment and timing -------------------------------------------------------------------------------------
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    import accelerate
+
+    cuda = device.type == "cuda"
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "device": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+        "device_type": device.type,
+        "world_size": world_size,
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "accelerate": accelerate.__version__,
+        "fasttrain": fasttrain.__version__,
+        "git": _git_revision(),
+    }
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is visible here; use --device cpu")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds that `steps` calls of `step` take, measured on the device: CUDA events around the queued work (after
+    draining earlier work, so none of it is counted), the wall clock on a CPU."""
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - t0
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+# --- models, batches and the bare training step -------------------------------------------------------------------
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and device.type != "cuda":
+        raise BenchError("--precision fp16 needs a CUDA device (on a CPU autocast would silently run fp32); "
+                         "use bf16 or no")
+    return precision
+
+
+def model_kwargs(name: str, pairs: Sequence[str]) -> dict[str, Any]:
+    """`--model-arg widths=8,16` pairs, coerced to the types of the model's constructor (as the trainer's config)."""
+    params = models.describe(name)
+    kwargs = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or key not in params:
+            raise ConfigError(f"--model-arg {pair!r}: expected KEY=VALUE with KEY one of {', '.join(params)}")
+        kwargs[key] = coerce(f"model.{key}", value, params[key].annotation)
+    return kwargs
+
+
+def make_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    torch.manual_seed(args.seed)
+    model = models.create(args.model, **model_kwargs(args.model, args.model_arg))
+    info = {"params": models.count_params(model), "flops_per_image": models.flops_per_image(model)}
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.train(), info
+
+
+def synthetic_batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch_size, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (args.batch_size,), generator=generator)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    return images.to(device).contiguous(memory_format=fmt), labels.to(device)
+
+
+def bare_step(forward: Callable, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+              precision: str, scheduler=None) -> Callable[[], None]:
+    """One plain PyTorch training step with the trainer's loss: torch.autocast, backward, optimizer step."""
+    device_type = images.device.type
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+    smoothing = TrainSection().label_smoothing
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(forward(images).float(), labels, label_smoothing=smoothing)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+    return step
+
+
+def maybe_compile(module: nn.Module, args: argparse.Namespace) -> Callable:
+    return torch.compile(module, mode=args.compile_mode) if args.compile else module
+
+
+def warm_up(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        step()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def throughput(seconds: list[float], args: argparse.Namespace) -> list[float]:
+    return [args.steps * args.batch_size / s for s in seconds]
+
+
+def compile_seconds(warmup_s: float, step_s: float, args: argparse.Namespace) -> float:
+    """Warm-up time beyond what its steps cost at the measured steady rate: compilation, autotuning, graph capture."""
+    return max(0.0, warmup_s - args.warmup_steps * step_s) if args.compile else 0.0
+
+
+def _model_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    return {"model": args.model, "model_args": dict(model_kwargs(args.model, args.model_arg)),
+            "batch_size": args.batch_size, "precision": args.precision, "channels_last": args.channels_last,
+            "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
+            "steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup_steps,
+            "device": str(device)}
+
+
+def _resolve_model_options(args: argparse.Namespace, device: torch.device) -> None:
+    args.precision = resolve_precision(args.precision, device)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    for key in ("steps", "repeats", "warmup_steps", "batch_size"):
+        if getattr(args, key) < (0 if key == "warmup_steps" else 1):
+            raise BenchError(f"--{key.replace('_', '-')} must be >= {0 if key == 'warmup_steps' else 1}")
+    if args.compile and args.warmup_steps < 1:
+        raise BenchError("--compile needs --warmup-steps >= 1, or compilation would be timed as training")
+
+
+def _train_tflops(info: dict[str, Any], images_per_sec: float) -> float:
+    # Backward costs about twice the forward: a training step is ~3x the forward FLOPs.
+    return 3 * info["flops_per_image"] * images_per_sec / 1e12
+
+
+# --- sub-commands ---------------------------------------------------------------------------------------------
+
+
+def cmd_loader(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    from fasttrain.data.loaders import build_loaders
+    from fasttrain.data.throughput import measure_loader
+
+    device = resolve_device(args.device)
+    if args.epochs < 2:
+        raise BenchError("--epochs must be >= 2: the first epoch is warm-up")
+    log(f"loader: mode {args.mode}, batch {args.batch_size}, {args.workers} workers, {args.epochs} epochs on {device}")
+    t0 = time.perf_counter()
+    train_loader, _ = build_loaders(
+        args.data, mode=args.mode, batch_size=args.batch_size, eval_batch_size=1024, workers=args.workers,
+        device=device, flip=args.flip, translate=args.translate, cutout=args.cutout, seed=args.seed,
+        channels_last=args.channels_last)
+    setup_s = time.perf_counter() - t0
+    measured = measure_loader(train_loader, epochs=args.epochs)
+    epoch_s, per_epoch = measured["epoch_s"], measured["images_per_epoch"]
+    rates = [per_epoch / s for s in epoch_s[1:]]
+    result = {
+        "command": "loader", "env": environment(device),
+        "settings": {"data": str(args.data), "mode": args.mode, "batch_size": args.batch_size, "workers": args.workers,
+                     "epochs": args.epochs, "flip": args.flip, "translate": args.translate, "cutout": args.cutout,
+                     "channels_last": args.channels_last, "device": str(device)},
+        "images_per_sec": median(rates), "images_per_sec_epochs": rates, "measured_epochs": len(rates),
+        "warmup_s": measured["warmup_s"], "epoch_s": epoch_s, "setup_s": setup_s,
+        "images_per_epoch": per_epoch, "batches_per_epoch": len(train_loader),
+        "dataset_size": train_loader.dataset_size,
+    }
+    log(f"loader: {result['images_per_sec']:.0f} images/s (median of {len(rates)} epochs), "
+        f"warm-up {result['warmup_s']:.1f} s, setup {setup_s:.1f} s")
+    return result
+
+
+def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    _resolve_model_options(args, device)
+    model, info = make_model(args, device)
+    images, labels = synthetic_batch(args, device)
+    optimizer = _optimizer(model, args)
+    step = bare_step(maybe_compile(model, args), optimizer, images, labels, args.precision)
+    log(f"step: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
+        f"compile={args.compile} on {device}: {args.warmup_steps} warm-up steps, then {args.repeats} x {args.steps}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    warmup_s = warm_up(step, args, device)
+    seconds = [time_steps(step, args.steps, device) for _ in range(args.repeats)]
+    rates = throughput(seconds, args)
+    step_s = median(seconds) / args.steps
+    result = {
+        "command": "step", "env": environment(device), "settings": _model_settings(args, device), **info,
+        "images_per_sec": median(rates), "images_per_sec_repeats": rates, "step_time_ms": 1000 * step_s,
+        "warmup_s": warmup_s, "compile_time_s": compile_seconds(warmup_s, step_s, args),
+        "train_tflops_est": _train_tflops(info, median(rates)),
+    }
+    if device.type == "cuda":
+        result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    log(f"step: {result['images_per_sec']:.0f} images/s, {result['step_time_ms']:.2f} ms/step, "
+        f"compile {result['compile_time_s']:.1f} s")
+    return result
+
+
+def _optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    from fasttrain.optim import build_optimizer, scaled_lr
+
+    t = TrainSection(batch_size=args.batch_size)
+    return build_optimizer(model, t, scaled_lr(t, args.batch_size))
+
+
+def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    from fasttrain.checkpoint import Progress
+    from fasttrain.optim import build_scheduler
+    from fasttrain.train import Trainer, make_accelerator
+
+    wanted = resolve_device(args.device)
+    cfg = Config()
+    cfg.train.mixed_precision = resolve_precision(args.precision, wanted)
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    if device.type != wanted.type:
+        raise BenchError(f"overhead runs where the trainer would ({device}); --device {args.device} differs")
+    _resolve_model_options(args, device)
+    cfg.train.batch_size, cfg.train.channels_last = args.batch_size, args.channels_last
+    cfg.train.compile, cfg.train.compile_mode = ("on" if args.compile else "off"), args.compile_mode
+    steps_per_epoch = max(1, CIFAR10_TRAIN_IMAGES // args.batch_size)
+
+    bare_model, info = make_model(args, device)
+    loop_model = copy.deepcopy(bare_model)  # the same initial weights in both loops
+    images, labels = synthetic_batch(args, device)
+
+    # The trainer's own per-step methods on a Trainer without data, run directory or W&B.
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.acc = cfg, accelerator
+    optimizer = _optimizer(loop_model, args)
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
+    trainer.model, trainer.optimizer, trainer.scheduler = accelerator.prepare(loop_model, optimizer, scheduler)
+    trainer.train_forward = maybe_compile(trainer.model, args)
+    trainer.progress, trainer.lr_peak, trainer.ckpt_root = Progress(), optimizer.param_groups[0]["lr"], Path(".")
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    pending: list[tuple[torch.Tensor, int]] = []
+
+    def fasttrain_step() -> None:
+        # The body of Trainer.run_epoch for one batch, minus logging and signals.
+        nonlocal sums
+        loss, correct = trainer.train_step_checked(images, labels)
+        if pending:
+            trainer.raise_if_nonfinite(*pending.pop())
+        pending.append((loss, 0))
+        sums += torch.stack([loss.double() * labels.shape[0], correct.double(),
+                             torch.tensor(labels.shape[0], dtype=torch.float64, device=device)])
+        trainer.scheduler.step()
+
+    bare_optimizer = _optimizer(bare_model, args)
+    bare_scheduler = build_scheduler(bare_optimizer, cfg.train, steps_per_epoch)
+    loops = {"fasttrain": fasttrain_step,
+             "bare": bare_step(maybe_compile(bare_model, args), bare_optimizer, images, labels, args.precision,
+                               bare_scheduler)}
+    log(f"overhead: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
+        f"compile={args.compile} on {device}, accelerate {accelerator.distributed_type.value}: "
+        f"{args.repeats} interleaved repeats x {args.steps} steps per loop")
+    warmup_s = {name: warm_up(step, args, device) for name, step in loops.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    for r in range(args.repeats):
+        order = list(loops) if r % 2 == 0 else list(loops)[::-1]  # alternate, so a drift hits both loops alike
+        for name in order:
+            seconds[name].append(time_steps(loops[name], args.steps, device))
+    rates = {name: throughput(s, args) for name, s in seconds.items()}
+    paired = [100 * (f / b - 1) for f, b in zip(seconds["fasttrain"], seconds["bare"])]
+    result = {
+        "command": "overhead", "env": environment(device), "settings": _model_settings(args, device), **info,
+        "accelerator": {"mixed_precision": accelerator.mixed_precision,
+                        "distributed_type": accelerator.distributed_type.value},
+        "fasttrain_images_per_sec": median(rates["fasttrain"]), "bare_images_per_sec": median(rates["bare"]),
+        "overhead_pct": median(paired), "overhead_pct_repeats": paired,
+        "fasttrain_images_per_sec_repeats": rates["fasttrain"], "bare_images_per_sec_repeats": rates["bare"],
+        "fasttrain_step_time_ms": 1000 * median(seconds["fasttrain"]) / args.steps,
+        "bare_step_time_ms": 1000 * median(seconds["bare"]) / args.steps,
+        "compile_time_s": {name: compile_seconds(warmup_s[name], median(seconds[name]) / args.steps, args)
+                           for name in loops},
+        "warmup_s": warmup_s,
+        "fasttrain_loop": "Trainer.train_step_checked (accelerator.autocast, accelerator.backward, optimizer step), "
+                          "previous step's finiteness check, epoch sums, scheduler.step",
+        "bare_loop": "torch.autocast, loss.backward, optimizer.step, zero_grad, scheduler.step",
+    }
+    log(f"overhead: fasttrain {result['fasttrain_images_per_sec']:.0f} vs bare {result['bare_images_per_sec']:.0f} "
+        f"images/s: {result['overhead_pct']:+.2f}% step time (median of {args.repeats})")
+    return result
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    train_py = Path(fasttrain.__file__).resolve().parent / "train.py"
+    run_dir = _option_value(extra, "--run.dir")
+    if run_dir is None:
+        run_dir = args.run_dir or tempfile.mkdtemp(prefix="fasttrain-e2e-")
+        extra = ["--run.dir", str(run_dir), *extra]
+    run_dir = Path(run_dir)
+    if args.launcher == "accelerate":
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
+                    "--num_machines", "1", *(["--multi_gpu"] if args.num_processes > 1 else [])]
+    else:
+        if args.num_processes != 1:
+            raise BenchError("--num-processes > 1 needs --launcher accelerate")
+        launcher = [sys.executable]
+    cmd = [*launcher, str(train_py), "--config", args.config, *extra]
+    if args.target_acc is not None:
+        cmd += ["--train.target_acc", str(args.target_acc)]
+    summary_path = run_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)  # a stale summary must not pass for this run's
+    log(f"e2e: {' '.join(cmd)}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(), env=env,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"the trainer ran past --timeout {args.timeout} s and was stopped") from None
+    process_wall_s = time.perf_counter() - t0
+    if not summary_path.exists():
+        raise BenchError(f"the trainer exited {proc.returncode} without writing {summary_path} (its output is above)")
+    summary = json.loads(summary_path.read_text())
+    keys = ("status", "exit_code", "time_to_target_s", "target_acc", "val_acc", "tta_acc", "best_val_acc",
+            "images_per_sec", "train_time_s", "compile_time_s", "wall_time_s", "epochs", "steps", "world_size",
+            "batch_size_global", "mixed_precision", "compiled", "data_mode", "device", "model", "params")
+    result = {
+        "command": "e2e", "env": {**environment(resolve_device(None), summary.get("world_size") or 1),
+                                  "device": summary.get("device")},
+        "settings": {"config": args.config, "target_acc": args.target_acc, "launcher": args.launcher,
+                     "num_processes": args.num_processes, "trainer_args": extra},
+        **{k: summary.get(k) for k in keys},
+        "process_wall_s": process_wall_s, "process_exit_code": proc.returncode, "run_dir": str(run_dir),
+        "command_line": cmd,
+    }
+    log(f"e2e: {summary.get('status')}, val_acc {summary.get('val_acc')}, tta_acc {summary.get('tta_acc')}, "
+        f"train {summary.get('train_time_s')} s, time to target {summary.get('time_to_target_s')}, "
+        f"{process_wall_s:.1f} s wall")
+    return result
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], dict[str, Any]]] = {
+    "loader": cmd_loader, "step": cmd_step, "overhead": cmd_overhead, "e2e": cmd_e2e,
+}
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fasttrain-bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bool_flag = argparse.BooleanOptionalAction
+    data_defaults = DataSection()
+
+    loader = sub.add_parser("loader", help="images/s of the training loader")
+    loader.add_argument("--data", required=True, help="a converted data directory (train.beton, test.beton)")
+    loader.add_argument("--mode", choices=["ffcv", "gpu"], default="ffcv")
+    loader.add_argument("--batch-size", type=int, default=512)
+    loader.add_argument("--workers", type=int, default=data_defaults.workers)
+    loader.add_argument("--epochs", type=int, default=4, help="including the first, warm-up epoch (>= 2)")
+    loader.add_argument("--flip", action=bool_flag, default=data_defaults.flip)
+    loader.add_argument("--translate", type=int, default=data_defaults.translate)
+    loader.add_argument("--cutout", type=int, default=data_defaults.cutout)
+    loader.add_argument("--channels-last", action=bool_flag, default=True)
+
+    for name, text in (("step", "training images/s of a model on a synthetic batch"),
+                       ("overhead", "fasttrain's loop (Accelerate) vs a bare PyTorch loop")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--model", default="resnet9", choices=models.names())
+        p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="a model constructor argument, e.g. widths=8,16 (repeatable)")
+        p.add_argument("--batch-size", type=int, default=512)
+        p.add_argument("--precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
+                       help="auto: bf16 on CUDA, no (fp32) on a CPU")
+        p.add_argument("--channels-last", action=bool_flag, default=True)
+        p.add_argument("--compile", action=bool_flag, default=None, help="torch.compile (default: on CUDA only)")
+        p.add_argument("--compile-mode", default="default",
+                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+        p.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
+        p.add_argument("--repeats", type=int, default=5)
+        p.add_argument("--warmup-steps", type=int, default=3)
+
+    e2e = sub.add_parser("e2e", help="the trainer end to end; trainer options after --")
+    e2e.add_argument("--config", default="resnet9", help="a recipe name from launch/ or a YAML file")
+    e2e.add_argument("--target-acc", type=float, default=None, help="stop at this validation accuracy (0..1)")
+    e2e.add_argument("--launcher", choices=["python", "accelerate"], default="python")
+    e2e.add_argument("--num-processes", type=int, default=1)
+    e2e.add_argument("--run-dir", default=None, help="default: a new temporary directory")
+    e2e.add_argument("--timeout", type=float, default=None, help="seconds before the trainer is stopped")
+
+    for p in sub.choices.values():
+        p.add_argument("--seed", type=int, default=0)
+        if p is not e2e:
+            p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    return parser
+
+
+def _json_ready(value: Any) -> Any:
+    """Non-finite floats become null: the output must stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr meanwhile: whatever libraries print (ffcv, numba, accelerate, C code) cannot
+    end up in the JSON on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if extra and args.command != "e2e":
+        parser.error(f"arguments after -- are trainer options, for e2e only: {' '.join(extra)}")
+    try:
+        with stdout_to_stderr():
+            result = COMMANDS[args.command](args, extra)
+    except FasttrainError as e:
+        print(f"fasttrain-bench: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    print(json.dumps(_json_ready(result), allow_nan=False), flush=True)
+    if args.command == "e2e" and result.get("process_exit_code"):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

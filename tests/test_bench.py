@@ -1,0 +1,97 @@
+"""fasttrain.bench on a CPU with tiny settings: each sub-command prints one JSON object with the promised keys and
+positive figures (their size is not checked: this is plumbing, not a speed test)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+TINY_MODEL = ["--model", "deepcnn", "--model-arg", "widths=8,16", "--model-arg", "blocks=1,1", "--batch-size", "32",
+              "--steps", "3", "--repeats", "2", "--warmup-steps", "1", "--no-compile", "--device", "cpu"]
+ENV_KEYS = {"date", "device", "torch", "fasttrain", "world_size"}
+
+
+def bench(*args: str, timeout: int = 300, check: bool = True) -> tuple[subprocess.CompletedProcess, dict | None]:
+    # One thread: the test machine's 2 cores are shared, and oversubscribed BLAS threads spin instead of working.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "fasttrain.bench", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bench {args} exited {proc.returncode}\nstderr:\n{proc.stderr[-4000:]}")
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0:
+        assert len(lines) == 1, f"stdout must hold exactly one JSON line, got:\n{proc.stdout[-2000:]}"
+        return proc, json.loads(lines[0])
+    return proc, None
+
+
+def check_common(result: dict, command: str) -> None:
+    assert result["command"] == command
+    assert ENV_KEYS <= result["env"].keys(), ENV_KEYS - result["env"].keys()
+    assert result["env"]["world_size"] == 1 and result["env"]["torch"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, shared_archive) -> Path:
+    out = tmp_path_factory.mktemp("bench-data") / "cifar-500"
+    subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
+                    "--subset", "500"], check=True, capture_output=True)
+    return out
+
+
+def test_step_reports_median_throughput_and_compile_time_apart():
+    _, result = bench("step", *TINY_MODEL, "--precision", "bf16")
+    check_common(result, "step")
+    settings = result["settings"]
+    assert settings["precision"] == "bf16" and settings["repeats"] == 2 and settings["compile"] is False
+    assert len(result["images_per_sec_repeats"]) == 2
+    assert result["images_per_sec"] > 0 and result["step_time_ms"] > 0 and result["warmup_s"] > 0
+    assert result["compile_time_s"] == 0.0 and result["params"] > 0 and result["flops_per_image"] > 0
+
+
+def test_overhead_compares_fasttrain_loop_with_bare_loop():
+    _, result = bench("overhead", *TINY_MODEL, "--precision", "no")
+    check_common(result, "overhead")
+    assert result["fasttrain_images_per_sec"] > 0 and result["bare_images_per_sec"] > 0
+    assert isinstance(result["overhead_pct"], float) and len(result["overhead_pct_repeats"]) == 2
+    assert result["accelerator"]["mixed_precision"] == "no"
+
+
+def test_bad_option_is_a_clear_error_without_json(capfd):
+    from fasttrain.bench import main
+
+    assert main(["step", *TINY_MODEL, "--precision", "fp16"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and "fp16 needs a CUDA device" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode", ["gpu", "ffcv"])
+def test_loader_times_epochs_after_the_warm_up(data_dir, mode):
+    _, result = bench("loader", "--data", str(data_dir), "--mode", mode, "--batch-size", "64", "--workers", "1",
+                      "--epochs", "2", "--device", "cpu")
+    check_common(result, "loader")
+    assert result["settings"]["mode"] == mode
+    assert result["images_per_sec"] > 0 and result["warmup_s"] > 0 and result["measured_epochs"] == 1
+    assert result["images_per_epoch"] == 448  # 500 images, batch 64, drop_last
+
+
+def test_e2e_runs_the_trainer_and_reads_its_summary(data_dir, tmp_path):
+    _, result = bench("e2e", "--config", "deepcnn", "--target-acc", "0.05", "--run-dir", str(tmp_path / "run"), "--",
+                      "--model.widths", "8,16", "--model.blocks", "1,1", "--train.epochs", "1",
+                      "--train.batch_size", "100", "--train.lr_peak_epoch", "0.5", "--train.mixed_precision", "no",
+                      "--train.compile", "off", "--wandb.mode", "disabled", "--data.dir", str(data_dir),
+                      "--data.mode", "gpu", "--data.workers", "1")
+    check_common(result, "e2e")
+    assert result["status"] == "finished" and result["process_exit_code"] == 0
+    assert result["epochs"] == 1 and result["steps"] == 5
+    # Any classifier scores >= 0.10 on the balanced test slice, so a 0.05 target is always reached.
+    assert result["time_to_target_s"] > 0 and result["target_acc"] == 0.05
+    assert 0 <= result["val_acc"] <= 1 and 0 <= result["tta_acc"] <= 1
+    for key in ("images_per_sec", "train_time_s", "wall_time_s", "process_wall_s"):
+        assert result[key] > 0, key
+    assert (tmp_path / "run" / "summary.json").exists()
