@@ -17,6 +17,7 @@ from typing import Any
 
 from fasttrain.distributed import inject_fault
 from fasttrain.errors import ConfigError, FasttrainError
+from fasttrain.files import fsync_path, fsync_tree
 
 META = "meta.json"
 PREFIX = "ckpt-"
@@ -48,22 +49,6 @@ class Progress:
             setattr(self, key, value)
 
 
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any], keep: int) -> Path | None:
     """Write a checkpoint of the current state on every rank; returns its path (on the main process)."""
     name = f"{PREFIX}e{progress.epoch:04d}-s{progress.step:07d}"
@@ -74,7 +59,7 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return None
@@ -88,7 +73,7 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
         if final.exists():  # same step saved twice (an interrupt right after an epoch-end save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_path(ckpt_root)
     except Exception as e:
         # safetensors reports a full disk as its own error type, not OSError: recognise both.
         if not (isinstance(e, OSError) or "I/O error" in str(e)):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 import subprocess
 import sys
 import time
@@ -35,8 +33,10 @@ from fasttrain.data.manifest import verify
 from fasttrain.distributed import StopSignals, any_rank, from_main, inject_fault, sum_across_ranks, sync_buffers
 from fasttrain.errors import ConfigError, FasttrainError
 from fasttrain.evaluate import evaluate
+from fasttrain.files import replacing
 from fasttrain.optim import build_optimizer, build_scheduler, scaled_lr
 from fasttrain.tracking import EpochTable, MetricsFile, plot_curves, read_metrics, start_wandb
+from fasttrain.tracking.metrics import to_json_safe
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
@@ -295,7 +295,7 @@ class Trainer:
         return time.perf_counter() - t0
 
     def fit(self) -> int:
-        cfg, t, p = self.cfg, self.cfg.train, self.progress
+        t, p = self.cfg.train, self.progress
         self.loader_warmup_s = self.warm_up_loader()
         self.compile_time_s = self.warm_up()
         if self.compiled or self.loader_warmup_s:
@@ -321,7 +321,7 @@ class Trainer:
 
     def run_epoch(self, signals: StopSignals) -> int | None:
         """Train one epoch (or its remainder after a resume). Returns an exit code if the run must stop."""
-        cfg, t, p, acc = self.cfg, self.cfg.train, self.progress, self.acc
+        t, p, acc = self.cfg.train, self.progress, self.acc
         self.model.train()
         self.train_loader.epoch = p.epoch
         batches = iter(self.train_loader)
@@ -516,10 +516,8 @@ def _yaml(data: dict) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=lambda v: None if isinstance(v, float) and not math.isfinite(v)
-                              else str(v)) + "\n")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(to_json_safe(data), indent=1, allow_nan=False) + "\n")
 
 
 def run(argv: list[str]) -> int:

@@ -2,6 +2,8 @@
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -41,3 +43,13 @@ def shared_archive() -> Path:
     if not SHARED_ARCHIVE.exists():
         pytest.skip(f"shared CIFAR-10 archive not found at {SHARED_ARCHIVE} (set FASTTRAIN_CIFAR_ARCHIVE)")
     return SHARED_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def cifar_slice_dir(tmp_path_factory, shared_archive) -> Path:
+    """1,000 train and 1,000 test images of the real CIFAR-10 as .beton files, converted once per session (in a
+    subprocess: ffcv's writer must not share a process with a loader)."""
+    out = tmp_path_factory.mktemp("data") / "cifar-slice"
+    subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
+                    "--subset", "1000"], check=True, capture_output=True)
+    return out

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fasttrain.config import build_config, coerce, load_config, parse_overrides, resolve_recipe, RECIPES_DIR
+from fasttrain.config import RECIPES_DIR, build_config, coerce, load_config
 from fasttrain.errors import ConfigError
 from fasttrain.optim import lr_factor, param_groups, scaled_lr
 from fasttrain import models

@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,12 +32,9 @@ def launch(args, cwd: Path, *, processes: int, env_extra=None, timeout=600):
     return proc, time.perf_counter() - t0
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, shared_archive):
-    out = tmp_path_factory.mktemp("data") / "cifar-slice"
-    subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
-                    "--subset", "1000"], check=True, capture_output=True)
-    return out
+@pytest.fixture
+def data_dir(cifar_slice_dir):
+    return cifar_slice_dir
 
 
 @pytest.mark.parametrize("mode", ["ffcv", "gpu"])

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from test_distributed import launch
 from test_train import TINY, TRAIN, checkpoint_steps, env_for_tests, read_jsonl, run_train
 
@@ -26,12 +25,9 @@ pytestmark = pytest.mark.slow
 FAST = [*TINY, "--data.mode", "gpu", "--wandb.mode", "disabled"]  # 10 steps per epoch on the 1,000-image slice
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, shared_archive):
-    out = tmp_path_factory.mktemp("data") / "cifar-slice"
-    subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
-                    "--subset", "1000"], check=True, capture_output=True)
-    return out
+@pytest.fixture
+def data_dir(cifar_slice_dir):
+    return cifar_slice_dir
 
 
 def start(args, cwd, env_extra=None, **kwargs):

@@ -3,7 +3,6 @@ offline files, real checkpoints."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,13 +45,9 @@ def run_train(args, tmp_path, *, launcher=None, timeout=600, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, shared_archive):
-    """1,000 train and 1,000 test images of the real CIFAR-10, converted once for this module."""
-    out = tmp_path_factory.mktemp("data") / "cifar-slice"
-    subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
-                    "--subset", "1000"], check=True, capture_output=True)
-    return out
+@pytest.fixture
+def data_dir(cifar_slice_dir):
+    return cifar_slice_dir
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -60,11 +55,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(data_dir, tmp_path_factory):
+def finished_run(cifar_slice_dir, tmp_path_factory):
     """One short run through `accelerate launch` itself (bf16 autocast on CPU), W&B offline."""
     tmp = tmp_path_factory.mktemp("run")
     run_dir = tmp / "run"
-    proc = run_train([*TINY, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "3",
+    proc = run_train([*TINY, "--data.dir", str(cifar_slice_dir), "--run.dir", str(run_dir), "--train.epochs", "3",
                       "--train.mixed_precision", "bf16", "--wandb.mode", "offline"], tmp,
                      launcher=[str(ACCELERATE), "launch", "--num_processes", "1", "--cpu"])
     return run_dir, proc

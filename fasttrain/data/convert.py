@@ -43,6 +43,7 @@ from fasttrain.data.manifest import (
     sha256_file,
     verify,
 )
+from fasttrain.files import fsync_path
 from fasttrain.errors import DatasetError, FasttrainError
 
 SUBSET_RULE = (
@@ -74,14 +75,6 @@ def _write_beton(path: Path, split: sources.Split, progress: bool) -> None:
     quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())  # ffcv's own bar
     with quiet:
         writer.from_indexed_dataset(_ArrayDataset(split), chunksize=1000)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _manifest(source: str, dataset: sources.Dataset, subset: int | None, folder: Path) -> dict[str, Any]:
@@ -151,7 +144,7 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(out.parent)
+    fsync_path(out.parent)
 
 
 def convert(source: str, out: str | Path, subset: int | None = None, force: bool = False,
@@ -173,14 +166,14 @@ def convert(source: str, out: str | Path, subset: int | None = None, force: bool
         tmp.mkdir()
         for split, name in BETON_NAMES.items():
             _write_beton(tmp / name, dataset.splits[split], progress)
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         manifest = _manifest(source, dataset, subset, tmp)
         with open(tmp / MANIFEST_NAME, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         _install(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed

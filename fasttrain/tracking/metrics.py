@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from fasttrain.tracking.atomic import replacing
+from fasttrain.files import replacing
 
 _NON_FINITE_TO_TEXT = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _TEXT_TO_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}

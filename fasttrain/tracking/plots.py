@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fasttrain.tracking.atomic import replacing
+from fasttrain.files import replacing
 
 # (panel title, y label, [(row key, legend label, line style)])
 _PANELS = (
