@@ -222,6 +222,7 @@ class Trainer:
         else:
             self.train_forward, self.eval_forward = self.model, eval_module
         self.last_eval: dict | None = None
+        self.pending_loss: tuple[torch.Tensor, int] | None = None  # the last step's loss, checked one step later
 
     def _wandb_config(self) -> dict:
         return {**self.cfg.to_dict(), "world_size": self.world, "batch_size_per_device": self.per_device_batch,
@@ -333,24 +334,16 @@ class Trainer:
         acc.wait_for_everyone()  # start every rank's clock together, so per-rank rates measure the same interval
         t_epoch = t_window = time.perf_counter()
         epoch_train_s = 0.0
-        pending_check = None
         # The bar is for people at a terminal; logs (CI, SLURM) get the epoch table and metrics.jsonl instead.
         bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, leave=False,
                    disable=not (self.main and sys.stderr.isatty()),
                    desc=f"epoch {p.epoch + 1}/{t.epochs}", mininterval=1.0, dynamic_ncols=True)
         for images, labels in batches:
-            loss, correct = self.train_step_checked(images, labels)
-            if loss is None:
+            stats = self.optimizer_step(images, labels)
+            if stats is None:
                 continue  # a skipped non-finite step
-            # Check the previous step's loss now: reading it forces no stall, as that step has finished.
-            if pending_check is not None:
-                self.raise_if_nonfinite(*pending_check)
-            pending_check = (loss, p.step)
-            stats = torch.stack([loss.double() * labels.shape[0], correct.double(),
-                                 torch.tensor(labels.shape[0], dtype=torch.float64, device=acc.device)])
             sums += stats
             window += stats
-            self.scheduler.step()
             inject_fault(acc.process_index, p.step)
             p.step += 1
             p.step_in_epoch += 1
@@ -371,14 +364,31 @@ class Trainer:
                 bar.close()
                 return self.interrupted(signals, epoch_train_s)
         bar.close()
-        if pending_check is not None:
-            self.raise_if_nonfinite(*pending_check)
+        self.check_last_loss()
         self.synchronize()
         epoch_train_s += time.perf_counter() - t_epoch
         p.train_time_s += epoch_train_s
         self.epoch_sums = sums
         self.epoch_train_s = epoch_train_s
         return None
+
+    def optimizer_step(self, images, labels) -> torch.Tensor | None:
+        """One step of the loop: train, check the previous step's loss, advance the schedule. Returns this step's
+        [loss x images, correct, images] as a device tensor (no sync), or None for a skipped non-finite step."""
+        loss, correct = self.train_step_checked(images, labels)
+        if loss is None:
+            return None
+        # Check the previous step's loss now: reading it forces no stall, as that step has finished.
+        self.check_last_loss()
+        self.pending_loss = (loss, self.progress.step)
+        self.scheduler.step()
+        n = torch.tensor(labels.shape[0], dtype=torch.float64, device=labels.device)
+        return torch.stack([loss.double() * n, correct.double(), n])
+
+    def check_last_loss(self) -> None:
+        if self.pending_loss is not None:
+            self.raise_if_nonfinite(*self.pending_loss)
+            self.pending_loss = None
 
     def train_step_checked(self, images, labels):
         """A train step; with train.nonfinite=skip, a step whose loss is NaN/Inf on any rank is dropped."""
