@@ -175,3 +175,22 @@ def test_target_accuracy_stops_early_and_reports_the_time(tmp_path, data_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["time_to_target_s"] is not None and summary["epochs"] < 4
     assert summary["best_val_acc"] >= 0.12
+
+
+def test_compile_warm_up_covers_every_graph_the_run_uses(tmp_path, data_dir):
+    """With torch.compile on, warm-up compiles train and eval graphs (both eval batch sizes) before the timed
+    epochs: nothing recompiles afterwards, and the warm-up is reported apart from the training time."""
+    run_dir = tmp_path / "r"
+    env = {**env_for_tests(tmp_path), "TORCH_LOGS": "recompiles"}
+    proc = subprocess.run([sys.executable, str(TRAIN), *TINY, "--train.compile", "on", "--data.mode", "gpu",
+                           "--data.eval_batch_size", "300", "--data.dir", str(data_dir), "--run.dir", str(run_dir),
+                           "--train.epochs", "2", "--wandb.mode", "disabled"],
+                          cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    during_warm_up, after_warm_up = proc.stdout.split("warm-up, not counted in train time", 1)
+    assert "Recompiling" in during_warm_up, "the log shows recompilations (eval mode, eval batch sizes) at all"
+    assert "Recompiling" not in after_warm_up, after_warm_up[:3000]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["compiled"] is True and summary["compile_time_s"] > 0
+    assert summary["tta_acc"] is not None and summary["steps"] == 20
