@@ -115,7 +115,7 @@ def test_bad_config_is_refused_before_any_work(tmp_path, data_dir):
     assert not (tmp_path / "r").exists()
 
 
-def test_batch_not_divisible_is_refused(tmp_path, data_dir):
+def test_out_of_range_model_argument_is_refused(tmp_path, data_dir):
     proc = run_train([*TINY, "--data.dir", str(data_dir), "--model.dropout", "1.5"], tmp_path, check=False)
     assert proc.returncode == 2 and "dropout" in proc.stderr
 
