@@ -20,7 +20,9 @@ def sum_across_ranks(accelerator, values: list[float] | torch.Tensor) -> list[fl
 
 
 def any_rank(accelerator, flag: bool) -> bool:
-    """True on every rank if `flag` is true on any of them."""
+    """True on every rank if `flag` is true on any of them. One process needs no collective (and no device sync)."""
+    if accelerator.num_processes == 1:
+        return flag
     return sum_across_ranks(accelerator, [float(flag)])[0] > 0
 
 

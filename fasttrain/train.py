@@ -29,7 +29,7 @@ import fasttrain
 from fasttrain import checkpoint, models
 from fasttrain.config import Config, default_data_dir, help_text, load_config
 from fasttrain.data.loaders import build_loaders
-from fasttrain.data.manifest import verify
+from fasttrain.data.manifest import convert_args, verify
 from fasttrain.distributed import StopSignals, any_rank, from_main, inject_fault, sum_across_ranks, sync_buffers
 from fasttrain.errors import ConfigError, FasttrainError
 from fasttrain.evaluate import evaluate
@@ -90,9 +90,7 @@ def prepare_data(cfg: Config, accelerator: Accelerator) -> dict:
     out = data_dir_for(cfg)
     if accelerator.is_main_process and not (out / "manifest.json").exists():
         print(f"fasttrain: no dataset in {out}; converting --data.source {cfg.data.source} (once)")
-        cmd = [sys.executable, "-m", "fasttrain.data.convert", "--source", cfg.data.source, "--out", str(out)]
-        if cfg.data.subset:
-            cmd += ["--subset", str(cfg.data.subset)]
+        cmd = [sys.executable, "-m", "fasttrain.data.convert", *convert_args(cfg.data.source, out, cfg.data.subset)]
         if subprocess.run(cmd).returncode != 0:
             raise FasttrainError(f"converting --data.source {cfg.data.source} into {out} failed (message above)")
     accelerator.wait_for_everyone()
@@ -107,8 +105,8 @@ def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """`run.dir`, or runs/<name>-<time>; with --resume auto and no run.dir, the newest run of that name."""
     if cfg.run.dir:
         run_dir = Path(cfg.run.dir)
-    elif cfg.run.resume in ("auto", "force") and sorted(Path("runs").glob(f"{cfg.run.name}-*")):
-        run_dir = sorted(Path("runs").glob(f"{cfg.run.name}-*"))[-1]
+    elif cfg.run.resume in ("auto", "force") and (earlier := sorted(Path("runs").glob(f"{cfg.run.name}-*"))):
+        run_dir = earlier[-1]
     else:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{cfg.run.name}-{stamp}"
@@ -333,7 +331,6 @@ class Trainer:
         self.synchronize()
         acc.wait_for_everyone()  # start every rank's clock together, so per-rank rates measure the same interval
         t_epoch = t_window = time.perf_counter()
-        epoch_train_s = 0.0
         # The bar is for people at a terminal; logs (CI, SLURM) get the epoch table and metrics.jsonl instead.
         bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, leave=False,
                    disable=not (self.main and sys.stderr.isatty()),
@@ -351,22 +348,19 @@ class Trainer:
             if p.step % t.log_every == 0:
                 self.synchronize()
                 now = time.perf_counter()
-                self.log_step(window, now - t_window, p.train_time_s + epoch_train_s + (now - t_epoch))
+                self.log_step(window, now - t_window, p.train_time_s + (now - t_epoch))
                 bar.set_postfix(loss=f"{window[0].item() / max(window[2].item(), 1):.3f}")
                 window.zero_()
                 t_window = now  # logging's own cost lands in the next window, on every rank alike
+            # One process checks its flag every step; several agree on it (a collective) only at log steps.
+            if self.world == 1 or p.step % t.log_every == 0:
                 if any_rank(acc, signals.received is not None):
-                    epoch_train_s += time.perf_counter() - t_epoch
                     bar.close()
-                    return self.interrupted(signals, epoch_train_s)
-            elif self.world == 1 and signals.received is not None:
-                epoch_train_s += time.perf_counter() - t_epoch
-                bar.close()
-                return self.interrupted(signals, epoch_train_s)
+                    return self.interrupted(signals, time.perf_counter() - t_epoch)
         bar.close()
         self.check_last_loss()
         self.synchronize()
-        epoch_train_s += time.perf_counter() - t_epoch
+        epoch_train_s = time.perf_counter() - t_epoch
         p.train_time_s += epoch_train_s
         self.epoch_sums = sums
         self.epoch_train_s = epoch_train_s

@@ -29,14 +29,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def convert_args(source: str, data_dir: Path | str, subset: int | None = None, force: bool = False) -> list[str]:
+    """The arguments of `python -m fasttrain.data.convert` that (re)create `data_dir` from `source`."""
+    args = ["--source", str(source), "--out", str(data_dir)]
+    if subset is not None:
+        args += ["--subset", str(subset)]
+    if force:
+        args.append("--force")
+    return args
+
+
 def convert_command(source: str, data_dir: Path | str, subset: int | None = None, force: bool = False) -> str:
     """The shell command that (re)creates `data_dir` from `source`."""
-    words = ["python", "-m", "fasttrain.data.convert", "--source", str(source), "--out", str(data_dir)]
-    if subset is not None:
-        words += ["--subset", str(subset)]
-    if force:
-        words.append("--force")
-    return shlex.join(words)
+    return shlex.join(["python", "-m", "fasttrain.data.convert", *convert_args(source, data_dir, subset, force)])
 
 
 def same_source(manifest: dict[str, Any], kind: str, path: str | None, subset: int | None) -> bool:
