@@ -30,10 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,9 @@ def log(message: str) -> None:
 
 def _git_revision() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -144,8 +146,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and device.type != "cuda":
-        raise BenchError("--precision fp16 needs a CUDA device (on a CPU autocast would silently run fp32); "
-                         "use bf16 or no")
+        raise BenchError(
+            "--precision fp16 needs a CUDA device (on a CPU autocast would silently run fp32); use bf16 or no"
+        )
     return precision
 
 
@@ -179,8 +182,14 @@ def synthetic_batch(args: argparse.Namespace, device: torch.device) -> tuple[tor
     return images.to(device).contiguous(memory_format=fmt), labels.to(device)
 
 
-def bare_step(forward: Callable, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-              precision: str, scheduler=None) -> Callable[[], None]:
+def bare_step(
+    forward: Callable,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    precision: str,
+    scheduler=None,
+) -> Callable[[], None]:
     """One plain PyTorch training step with the trainer's loss: torch.autocast, backward, optimizer step."""
     device_type = images.device.type
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -227,11 +236,19 @@ def compile_seconds(warmup_s: float, step_s: float, args: argparse.Namespace) ->
 
 
 def _model_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    return {"model": args.model, "model_args": dict(model_kwargs(args.model, args.model_arg)),
-            "batch_size": args.batch_size, "precision": args.precision, "channels_last": args.channels_last,
-            "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
-            "steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup_steps,
-            "device": str(device)}
+    return {
+        "model": args.model,
+        "model_args": dict(model_kwargs(args.model, args.model_arg)),
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "warmup_steps": args.warmup_steps,
+        "device": str(device),
+    }
 
 
 def _resolve_model_options(args: argparse.Namespace, device: torch.device) -> None:
@@ -263,25 +280,51 @@ def cmd_loader(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     log(f"loader: mode {args.mode}, batch {args.batch_size}, {args.workers} workers, {args.epochs} epochs on {device}")
     t0 = time.perf_counter()
     train_loader, _ = build_loaders(
-        args.data, mode=args.mode, batch_size=args.batch_size, eval_batch_size=1024, workers=args.workers,
-        device=device, flip=args.flip, translate=args.translate, cutout=args.cutout, seed=args.seed,
-        channels_last=args.channels_last)
+        args.data,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        eval_batch_size=1024,
+        workers=args.workers,
+        device=device,
+        flip=args.flip,
+        translate=args.translate,
+        cutout=args.cutout,
+        seed=args.seed,
+        channels_last=args.channels_last,
+    )
     setup_s = time.perf_counter() - t0
     measured = measure_loader(train_loader, epochs=args.epochs)
     epoch_s, per_epoch = measured["epoch_s"], measured["images_per_epoch"]
     rates = [per_epoch / s for s in epoch_s[1:]]
     result = {
-        "command": "loader", "env": environment(device),
-        "settings": {"data": str(args.data), "mode": args.mode, "batch_size": args.batch_size, "workers": args.workers,
-                     "epochs": args.epochs, "flip": args.flip, "translate": args.translate, "cutout": args.cutout,
-                     "channels_last": args.channels_last, "device": str(device)},
-        "images_per_sec": median(rates), "images_per_sec_epochs": rates, "measured_epochs": len(rates),
-        "warmup_s": measured["warmup_s"], "epoch_s": epoch_s, "setup_s": setup_s,
-        "images_per_epoch": per_epoch, "batches_per_epoch": len(train_loader),
+        "command": "loader",
+        "env": environment(device),
+        "settings": {
+            "data": str(args.data),
+            "mode": args.mode,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "epochs": args.epochs,
+            "flip": args.flip,
+            "translate": args.translate,
+            "cutout": args.cutout,
+            "channels_last": args.channels_last,
+            "device": str(device),
+        },
+        "images_per_sec": median(rates),
+        "images_per_sec_epochs": rates,
+        "measured_epochs": len(rates),
+        "warmup_s": measured["warmup_s"],
+        "epoch_s": epoch_s,
+        "setup_s": setup_s,
+        "images_per_epoch": per_epoch,
+        "batches_per_epoch": len(train_loader),
         "dataset_size": train_loader.dataset_size,
     }
-    log(f"loader: {result['images_per_sec']:.0f} images/s (median of {len(rates)} epochs), "
-        f"warm-up {result['warmup_s']:.1f} s, setup {setup_s:.1f} s")
+    log(
+        f"loader: {result['images_per_sec']:.0f} images/s (median of {len(rates)} epochs), "
+        f"warm-up {result['warmup_s']:.1f} s, setup {setup_s:.1f} s"
+    )
     return result
 
 
@@ -292,8 +335,10 @@ def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     images, labels = synthetic_batch(args, device)
     optimizer = _optimizer(model, args)
     step = bare_step(maybe_compile(model, args), optimizer, images, labels, args.precision)
-    log(f"step: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
-        f"compile={args.compile} on {device}: {args.warmup_steps} warm-up steps, then {args.repeats} x {args.steps}")
+    log(
+        f"step: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
+        f"compile={args.compile} on {device}: {args.warmup_steps} warm-up steps, then {args.repeats} x {args.steps}"
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     warmup_s = warm_up(step, args, device)
@@ -301,28 +346,36 @@ def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     rates = throughput(seconds, args)
     step_s = median(seconds) / args.steps
     result = {
-        "command": "step", "env": environment(device), "settings": _model_settings(args, device), **info,
-        "images_per_sec": median(rates), "images_per_sec_repeats": rates, "step_time_ms": 1000 * step_s,
-        "warmup_s": warmup_s, "compile_time_s": compile_seconds(warmup_s, step_s, args),
+        "command": "step",
+        "env": environment(device),
+        "settings": _model_settings(args, device),
+        **info,
+        "images_per_sec": median(rates),
+        "images_per_sec_repeats": rates,
+        "step_time_ms": 1000 * step_s,
+        "warmup_s": warmup_s,
+        "compile_time_s": compile_seconds(warmup_s, step_s, args),
         "train_tflops_est": _train_tflops(info, median(rates)),
     }
     if device.type == "cuda":
         result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    log(f"step: {result['images_per_sec']:.0f} images/s, {result['step_time_ms']:.2f} ms/step, "
-        f"compile {result['compile_time_s']:.1f} s")
+    log(
+        f"step: {result['images_per_sec']:.0f} images/s, {result['step_time_ms']:.2f} ms/step, "
+        f"compile {result['compile_time_s']:.1f} s"
+    )
     return result
 
 
 def _optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    from fasttrain.optim import build_optimizer, scaled_lr
+    from fasttrain.loop.optim import build_optimizer, scaled_lr
 
     t = TrainSection(batch_size=args.batch_size)
     return build_optimizer(model, t, scaled_lr(t, args.batch_size))
 
 
 def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
-    from fasttrain.checkpoint import Progress
-    from fasttrain.optim import build_scheduler
+    from fasttrain.loop.checkpoint import Progress
+    from fasttrain.loop.optim import build_scheduler
     from fasttrain.train import Trainer, make_accelerator
 
     wanted = resolve_device(args.device)
@@ -359,12 +412,17 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
 
     bare_optimizer = _optimizer(bare_model, args)
     bare_scheduler = build_scheduler(bare_optimizer, cfg.train, steps_per_epoch)
-    loops = {"fasttrain": fasttrain_step,
-             "bare": bare_step(maybe_compile(bare_model, args), bare_optimizer, images, labels, args.precision,
-                               bare_scheduler)}
-    log(f"overhead: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
+    loops = {
+        "fasttrain": fasttrain_step,
+        "bare": bare_step(
+            maybe_compile(bare_model, args), bare_optimizer, images, labels, args.precision, bare_scheduler
+        ),
+    }
+    log(
+        f"overhead: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
         f"compile={args.compile} on {device}, accelerate {accelerator.distributed_type.value}: "
-        f"{args.repeats} interleaved repeats x {args.steps} steps per loop")
+        f"{args.repeats} interleaved repeats x {args.steps} steps per loop"
+    )
     warmup_s = {name: warm_up(step, args, device) for name, step in loops.items()}
     seconds: dict[str, list[float]] = {name: [] for name in loops}
     for r in range(args.repeats):
@@ -374,23 +432,34 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     rates = {name: throughput(s, args) for name, s in seconds.items()}
     paired = [100 * (f / b - 1) for f, b in zip(seconds["fasttrain"], seconds["bare"])]
     result = {
-        "command": "overhead", "env": environment(device), "settings": _model_settings(args, device), **info,
-        "accelerator": {"mixed_precision": accelerator.mixed_precision,
-                        "distributed_type": accelerator.distributed_type.value},
-        "fasttrain_images_per_sec": median(rates["fasttrain"]), "bare_images_per_sec": median(rates["bare"]),
-        "overhead_pct": median(paired), "overhead_pct_repeats": paired,
-        "fasttrain_images_per_sec_repeats": rates["fasttrain"], "bare_images_per_sec_repeats": rates["bare"],
+        "command": "overhead",
+        "env": environment(device),
+        "settings": _model_settings(args, device),
+        **info,
+        "accelerator": {
+            "mixed_precision": accelerator.mixed_precision,
+            "distributed_type": accelerator.distributed_type.value,
+        },
+        "fasttrain_images_per_sec": median(rates["fasttrain"]),
+        "bare_images_per_sec": median(rates["bare"]),
+        "overhead_pct": median(paired),
+        "overhead_pct_repeats": paired,
+        "fasttrain_images_per_sec_repeats": rates["fasttrain"],
+        "bare_images_per_sec_repeats": rates["bare"],
         "fasttrain_step_time_ms": 1000 * median(seconds["fasttrain"]) / args.steps,
         "bare_step_time_ms": 1000 * median(seconds["bare"]) / args.steps,
-        "compile_time_s": {name: compile_seconds(warmup_s[name], median(seconds[name]) / args.steps, args)
-                           for name in loops},
+        "compile_time_s": {
+            name: compile_seconds(warmup_s[name], median(seconds[name]) / args.steps, args) for name in loops
+        },
         "warmup_s": warmup_s,
         "fasttrain_loop": "Trainer.optimizer_step (accelerator.autocast, accelerator.backward, optimizer step, "
-                          "previous step's finiteness check, scheduler.step) and the epoch sums",
+        "previous step's finiteness check, scheduler.step) and the epoch sums",
         "bare_loop": "torch.autocast, loss.backward, optimizer.step, zero_grad, scheduler.step",
     }
-    log(f"overhead: fasttrain {result['fasttrain_images_per_sec']:.0f} vs bare {result['bare_images_per_sec']:.0f} "
-        f"images/s: {result['overhead_pct']:+.2f}% step time (median of {args.repeats})")
+    log(
+        f"overhead: fasttrain {result['fasttrain_images_per_sec']:.0f} vs bare {result['bare_images_per_sec']:.0f} "
+        f"images/s: {result['overhead_pct']:+.2f}% step time (median of {args.repeats})"
+    )
     return result
 
 
@@ -411,8 +480,16 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         extra = ["--run.dir", str(run_dir), *extra]
     run_dir = Path(run_dir)
     if args.launcher == "accelerate":
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
-                    "--num_machines", "1", *(["--multi_gpu"] if args.num_processes > 1 else [])]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(args.num_processes),
+            "--num_machines",
+            "1",
+            *(["--multi_gpu"] if args.num_processes > 1 else []),
+        ]
     else:
         if args.num_processes != 1:
             raise BenchError("--num-processes > 1 needs --launcher accelerate")
@@ -426,34 +503,67 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(), env=env,
-                              timeout=args.timeout)
+        proc = subprocess.run(
+            cmd, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(), env=env, timeout=args.timeout
+        )
     except subprocess.TimeoutExpired:
         raise BenchError(f"the trainer ran past --timeout {args.timeout} s and was stopped") from None
     process_wall_s = time.perf_counter() - t0
     if not summary_path.exists():
         raise BenchError(f"the trainer exited {proc.returncode} without writing {summary_path} (its output is above)")
     summary = json.loads(summary_path.read_text())
-    keys = ("status", "exit_code", "time_to_target_s", "target_acc", "val_acc", "tta_acc", "best_val_acc",
-            "images_per_sec", "train_time_s", "compile_time_s", "wall_time_s", "epochs", "steps", "world_size",
-            "batch_size_global", "mixed_precision", "compiled", "data_mode", "device", "model", "params")
+    keys = (
+        "status",
+        "exit_code",
+        "time_to_target_s",
+        "target_acc",
+        "val_acc",
+        "tta_acc",
+        "best_val_acc",
+        "images_per_sec",
+        "train_time_s",
+        "compile_time_s",
+        "wall_time_s",
+        "epochs",
+        "steps",
+        "world_size",
+        "batch_size_global",
+        "mixed_precision",
+        "compiled",
+        "data_mode",
+        "device",
+        "model",
+        "params",
+    )
     result = {
-        "command": "e2e", "env": {**environment(resolve_device(None), summary.get("world_size") or 1),
-                                  "device": summary.get("device")},
-        "settings": {"config": args.config, "target_acc": args.target_acc, "launcher": args.launcher,
-                     "num_processes": args.num_processes, "trainer_args": extra},
+        "command": "e2e",
+        "env": {**environment(resolve_device(None), summary.get("world_size") or 1), "device": summary.get("device")},
+        "settings": {
+            "config": args.config,
+            "target_acc": args.target_acc,
+            "launcher": args.launcher,
+            "num_processes": args.num_processes,
+            "trainer_args": extra,
+        },
         **{k: summary.get(k) for k in keys},
-        "process_wall_s": process_wall_s, "process_exit_code": proc.returncode, "run_dir": str(run_dir),
+        "process_wall_s": process_wall_s,
+        "process_exit_code": proc.returncode,
+        "run_dir": str(run_dir),
         "command_line": cmd,
     }
-    log(f"e2e: {summary.get('status')}, val_acc {summary.get('val_acc')}, tta_acc {summary.get('tta_acc')}, "
+    log(
+        f"e2e: {summary.get('status')}, val_acc {summary.get('val_acc')}, tta_acc {summary.get('tta_acc')}, "
         f"train {summary.get('train_time_s')} s, time to target {summary.get('time_to_target_s')}, "
-        f"{process_wall_s:.1f} s wall")
+        f"{process_wall_s:.1f} s wall"
+    )
     return result
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], dict[str, Any]]] = {
-    "loader": cmd_loader, "step": cmd_step, "overhead": cmd_overhead, "e2e": cmd_e2e,
+    "loader": cmd_loader,
+    "step": cmd_step,
+    "overhead": cmd_overhead,
+    "e2e": cmd_e2e,
 }
 
 
@@ -461,8 +571,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], dict[str, Any]]] =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fasttrain-bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fasttrain-bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     bool_flag = argparse.BooleanOptionalAction
     data_defaults = DataSection()
@@ -478,19 +592,33 @@ def build_parser() -> argparse.ArgumentParser:
     loader.add_argument("--cutout", type=int, default=data_defaults.cutout)
     loader.add_argument("--channels-last", action=bool_flag, default=True)
 
-    for name, text in (("step", "training images/s of a model on a synthetic batch"),
-                       ("overhead", "fasttrain's loop (Accelerate) vs a bare PyTorch loop")):
+    for name, text in (
+        ("step", "training images/s of a model on a synthetic batch"),
+        ("overhead", "fasttrain's loop (Accelerate) vs a bare PyTorch loop"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", default="resnet9", choices=models.names())
-        p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="a model constructor argument, e.g. widths=8,16 (repeatable)")
+        p.add_argument(
+            "--model-arg",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="a model constructor argument, e.g. widths=8,16 (repeatable)",
+        )
         p.add_argument("--batch-size", type=int, default=512)
-        p.add_argument("--precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
-                       help="auto: bf16 on CUDA, no (fp32) on a CPU")
+        p.add_argument(
+            "--precision",
+            choices=["auto", "bf16", "fp16", "no"],
+            default="auto",
+            help="auto: bf16 on CUDA, no (fp32) on a CPU",
+        )
         p.add_argument("--channels-last", action=bool_flag, default=True)
         p.add_argument("--compile", action=bool_flag, default=None, help="torch.compile (default: on CUDA only)")
-        p.add_argument("--compile-mode", default="default",
-                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+        p.add_argument(
+            "--compile-mode",
+            default="default",
+            choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        )
         p.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
         p.add_argument("--repeats", type=int, default=5)
         p.add_argument("--warmup-steps", type=int, default=3)
@@ -541,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+        argv, extra = argv[:cut], argv[cut + 1 :]
     parser = build_parser()
     args = parser.parse_args(argv)
     if extra and args.command != "e2e":

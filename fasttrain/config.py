@@ -2,7 +2,8 @@
 
 A run's configuration is built in three layers, each overriding the last:
   1. the defaults below (they are the resnet9 recipe),
-  2. a YAML recipe (`--config launch/resnet9.yaml`, or just `--config resnet9` for a recipe in launch/),
+  2. a YAML recipe (`--config path/to/recipe.yaml`, or just `--config resnet9` for a recipe shipped in
+     fasttrain/recipes/),
   3. command-line overrides, `--train.lr 0.4 --model.widths 32,64,128`.
 Every key is checked against its section's type before any work starts; `model` keys are checked against the
 chosen model's constructor signature (see fasttrain.models.describe).
@@ -17,14 +18,13 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from fasttrain.errors import ConfigError
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "launch"
 
 
 @dataclass
@@ -89,6 +89,8 @@ class WandbSection:
     entity: str | None = None
     name: str | None = None
     tags: tuple[str, ...] = ()
+    group: str | None = None
+    job_type: str | None = None
 
 
 SECTIONS: dict[str, type] = {
@@ -162,8 +164,9 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin in (tuple, list):
         items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
         item_type = args[0] if args else str
-        return tuple(coerce(f"{key}[{i}]", v.strip() if isinstance(v, str) else v, item_type)
-                     for i, v in enumerate(items))
+        return tuple(
+            coerce(f"{key}[{i}]", v.strip() if isinstance(v, str) else v, item_type) for i, v in enumerate(items)
+        )
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -219,19 +222,26 @@ def _set(cfg: Config, section: str, key: str, value: Any) -> None:
     setattr(getattr(cfg, section), key, coerce(f"{section}.{key}", value, types_[key]))
 
 
-def resolve_recipe(path_or_name: str) -> Path:
-    """`launch/resnet9.yaml`, or a bare recipe name such as `resnet9` found in the launch/ folder."""
+def recipe_names() -> list[str]:
+    """The recipes shipped inside the package (fasttrain/recipes/*.yaml), found wherever fasttrain is installed."""
+    return sorted(
+        f.name.removesuffix(".yaml") for f in resources.files("fasttrain.recipes").iterdir() if f.name.endswith(".yaml")
+    )
+
+
+def resolve_recipe(path_or_name: str):
+    """A YAML file's path, or a bare recipe name such as `resnet9` shipped in fasttrain/recipes/."""
     path = Path(path_or_name)
     if path.is_file():
         return path
-    candidate = RECIPES_DIR / f"{path_or_name}.yaml"
-    if candidate.is_file():
-        return candidate
-    recipes = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-    raise ConfigError(f"--config: no file '{path_or_name}' and no recipe of that name. Recipes: {', '.join(recipes)}")
+    if path_or_name in recipe_names():
+        return resources.files("fasttrain.recipes") / f"{path_or_name}.yaml"
+    raise ConfigError(
+        f"--config: no file '{path_or_name}' and no recipe of that name. Recipes: {', '.join(recipe_names())}"
+    )
 
 
-def load_yaml(path: Path) -> dict[str, dict[str, Any]]:
+def load_yaml(path) -> dict[str, dict[str, Any]]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -263,8 +273,10 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str, s
             section, _, key = name.partition(".")
             overrides.append((section, key, value))
         else:
-            raise ConfigError(f"unknown option '--{name}': use --section.key value "
-                              f"(sections: {', '.join([*SECTIONS, 'model'])}) or --config RECIPE")
+            raise ConfigError(
+                f"unknown option '--{name}': use --section.key value "
+                f"(sections: {', '.join([*SECTIONS, 'model'])}) or --config RECIPE"
+            )
     return config_path, overrides
 
 
@@ -328,8 +340,11 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     _require(0 <= t.lr_peak_epoch <= t.epochs, "train.lr_peak_epoch", f"must be in [0, epochs={t.epochs}]")
     _require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or none")
-    _require(t.target_acc is None or 0 < t.target_acc <= 1, "train.target_acc",
-             f"is a fraction in (0, 1], e.g. 0.94, got {t.target_acc}")
+    _require(
+        t.target_acc is None or 0 < t.target_acc <= 1,
+        "train.target_acc",
+        f"is a fraction in (0, 1], e.g. 0.94, got {t.target_acc}",
+    )
     _require(t.nesterov is False or t.optimizer == "sgd", "train.nesterov", "applies to optimizer sgd only")
     _require(d.workers >= 1, "data.workers", f"must be >= 1, got {d.workers}")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
@@ -339,8 +354,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 disables)")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     resume = cfg.run.resume
-    _require(resume in ("no", "auto", "force") or Path(resume).exists(), "run.resume",
-             f"is no, auto, force or an existing checkpoint directory; '{resume}' does not exist")
+    _require(
+        resume in ("no", "auto", "force") or Path(resume).exists(),
+        "run.resume",
+        f"is no, auto, force or an existing checkpoint directory; '{resume}' does not exist",
+    )
 
 
 def load_config(argv: list[str], default_recipe: str | None = None) -> Config:
@@ -357,7 +375,6 @@ def help_text() -> str:
             type_name = str(annotation).replace("typing.", "")
             lines.append(f"  --{name}.{key:<20} {getattr(defaults, key)!r:<14} {type_name}")
     lines.append("  --model.name NAME  and that model's own arguments (see fasttrain.models.describe)")
-    lines.append("  --config RECIPE    a YAML file or a recipe name from launch/: "
-                 + ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))))
+    lines.append("  --config RECIPE    a YAML file or a shipped recipe: " + ", ".join(recipe_names()))
     lines.append("  --resume auto|force|DIR   continue from the newest checkpoint")
     return "\n".join(lines)

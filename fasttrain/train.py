@@ -26,15 +26,16 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
 import fasttrain
-from fasttrain import checkpoint, models
+from fasttrain import models
 from fasttrain.config import Config, default_data_dir, help_text, load_config
 from fasttrain.data.loaders import build_loaders
 from fasttrain.data.manifest import convert_args, verify
-from fasttrain.distributed import StopSignals, any_rank, from_main, inject_fault, sum_across_ranks, sync_buffers
 from fasttrain.errors import ConfigError, FasttrainError
-from fasttrain.evaluate import evaluate
 from fasttrain.files import replacing
-from fasttrain.optim import build_optimizer, build_scheduler, scaled_lr
+from fasttrain.loop import checkpoint
+from fasttrain.loop.distributed import StopSignals, any_rank, from_main, inject_fault, sum_across_ranks, sync_buffers
+from fasttrain.loop.evaluate import evaluate
+from fasttrain.loop.optim import build_optimizer, build_scheduler, scaled_lr
 from fasttrain.tracking import EpochTable, MetricsFile, plot_curves, read_metrics, start_wandb
 from fasttrain.tracking.metrics import to_json_safe
 
@@ -52,8 +53,10 @@ class NonFiniteLoss(FasttrainError):
 def default_recipe() -> str:
     if torch.cuda.is_available():
         return "resnet9"
-    print("fasttrain: no CUDA device found, so no --config means the CPU recipe launch/cpu_quick.yaml "
-          "(a small net, a few minutes). Pass --config resnet9 for the full GPU recipe (hours on a CPU).")
+    print(
+        "fasttrain: no CUDA device found, so no --config means the CPU recipe cpu_quick "
+        "(a small net, a few minutes). Pass --config resnet9 for the full GPU recipe (hours on a CPU)."
+    )
     return "cpu_quick"
 
 
@@ -63,8 +66,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if precision == "auto":
         precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and not on_cuda:
-        raise ConfigError("train.mixed_precision: fp16 needs a CUDA device (on CPU it would silently run fp32); "
-                          "use bf16 or no")
+        raise ConfigError(
+            "train.mixed_precision: fp16 needs a CUDA device (on CPU it would silently run fp32); use bf16 or no"
+        )
     return Accelerator(
         mixed_precision=precision,
         cpu=not on_cuda,
@@ -76,8 +80,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 def check_world(cfg: Config, world: int) -> int:
     if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} does not divide across "
-                          f"{world} processes; use a multiple of {world}")
+        raise ConfigError(
+            f"train.batch_size: the global batch {cfg.train.batch_size} does not divide across "
+            f"{world} processes; use a multiple of {world}"
+        )
     return cfg.train.batch_size // world
 
 
@@ -96,8 +102,10 @@ def prepare_data(cfg: Config, accelerator: Accelerator) -> dict:
     accelerator.wait_for_everyone()
     manifest = verify(out)
     if cfg.data.subset and manifest.get("subset") != cfg.data.subset:
-        raise ConfigError(f"data.dir {out} holds subset={manifest.get('subset')}, but data.subset={cfg.data.subset}: "
-                          f"choose another --data.dir, or rerun conversion with --force")
+        raise ConfigError(
+            f"data.dir {out} holds subset={manifest.get('subset')}, but data.subset={cfg.data.subset}: "
+            f"choose another --data.dir, or rerun conversion with --force"
+        )
     return manifest
 
 
@@ -118,7 +126,9 @@ def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise ConfigError(f"run.dir: cannot write to {run_dir} ({e.strerror}); choose a writable --run.dir") from None
+            raise ConfigError(
+                f"run.dir: cannot write to {run_dir} ({e.strerror}); choose a writable --run.dir"
+            ) from None
     accelerator.wait_for_everyone()
     return run_dir
 
@@ -156,14 +166,27 @@ class Trainer:
         mode = cfg.data.mode if cfg.data.mode != "auto" else ("gpu" if acc.device.type == "cuda" else "ffcv")
         self.data_mode = mode
         self.train_loader, self.eval_loader = build_loaders(
-            data_dir_for(cfg), mode=mode, batch_size=self.per_device_batch, eval_batch_size=cfg.data.eval_batch_size,
-            workers=cfg.data.workers, device=acc.device, flip=cfg.data.flip, translate=cfg.data.translate,
-            cutout=cfg.data.cutout, seed=cfg.run.seed, distributed=self.world > 1, rank=acc.process_index,
-            world_size=self.world, channels_last=t.channels_last)
+            data_dir_for(cfg),
+            mode=mode,
+            batch_size=self.per_device_batch,
+            eval_batch_size=cfg.data.eval_batch_size,
+            workers=cfg.data.workers,
+            device=acc.device,
+            flip=cfg.data.flip,
+            translate=cfg.data.translate,
+            cutout=cfg.data.cutout,
+            seed=cfg.run.seed,
+            distributed=self.world > 1,
+            rank=acc.process_index,
+            world_size=self.world,
+            channels_last=t.channels_last,
+        )
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"train.batch_size: {self.per_device_batch} per process is larger than this rank's "
-                              f"{self.train_loader.num_samples} training images; lower it or use more data")
+            raise ConfigError(
+                f"train.batch_size: {self.per_device_batch} per process is larger than this rank's "
+                f"{self.train_loader.num_samples} training images; lower it or use more data"
+            )
 
         model_kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
         model = models.create(cfg.model["name"], **model_kwargs)
@@ -178,12 +201,16 @@ class Trainer:
         self.progress = checkpoint.Progress()
         acc.register_for_checkpointing(self.progress)
 
-        self.log(f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | device {acc.device} x{self.world} "
-                 f"| {acc.mixed_precision} | data {mode} ({manifest['splits']['train']['count']} train, "
-                 f"{manifest['splits']['test']['count']} test)")
-        self.log(f"model {cfg.model['name']}: {self.params / 1e6:.3f} M params, {self.flops / 1e6:.1f} MFLOPs/image "
-                 f"| batch {cfg.train.batch_size} global = {self.per_device_batch} x {self.world} | peak lr "
-                 f"{self.lr_peak:.4g} ({t.lr_scaling} scaling from {t.lr} at {t.lr_ref_batch})")
+        self.log(
+            f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | device {acc.device} x{self.world} "
+            f"| {acc.mixed_precision} | data {mode} ({manifest['splits']['train']['count']} train, "
+            f"{manifest['splits']['test']['count']} test)"
+        )
+        self.log(
+            f"model {cfg.model['name']}: {self.params / 1e6:.3f} M params, {self.flops / 1e6:.1f} MFLOPs/image "
+            f"| batch {cfg.train.batch_size} global = {self.per_device_batch} x {self.world} | peak lr "
+            f"{self.lr_peak:.4g} ({t.lr_scaling} scaling from {t.lr} at {t.lr_ref_batch})"
+        )
 
         self.ckpt_root = run_dir / "checkpoints"
         resume_from = find_resume_checkpoint(cfg, run_dir)
@@ -199,14 +226,23 @@ class Trainer:
             checkpoint.remove_partial(self.ckpt_root)
             (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
             (run_dir / "command.txt").write_text(" ".join([sys.argv[0], *argv]) + "\n")
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl",
-                                   resume_step=self.progress.step if resume_from else None) if self.main else None
+        self.metrics = (
+            MetricsFile(run_dir / "metrics.jsonl", resume_step=self.progress.step if resume_from else None)
+            if self.main
+            else None
+        )
         self.wandb = None
         if self.main:
             self.wandb = start_wandb(
-                cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
-                name=cfg.wandb.name or run_dir.name, tags=cfg.wandb.tags, config=self._wandb_config(),
-                run_dir=run_dir, resume_id=self.progress.wandb_id)
+                cfg.wandb.mode,
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=cfg.wandb.name or run_dir.name,
+                tags=cfg.wandb.tags,
+                config=self._wandb_config(),
+                run_dir=run_dir,
+                resume_id=self.progress.wandb_id,
+            )
             self.progress.wandb_id = self.wandb.id
 
         compile_on = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda")
@@ -223,9 +259,16 @@ class Trainer:
         self.pending_loss: tuple[torch.Tensor, int] | None = None  # the last step's loss, checked one step later
 
     def _wandb_config(self) -> dict:
-        return {**self.cfg.to_dict(), "world_size": self.world, "batch_size_per_device": self.per_device_batch,
-                "batch_size_global": self.cfg.train.batch_size, "lr_peak": self.lr_peak, "params": self.params,
-                "flops_per_image": self.flops, "data_mode": self.data_mode}
+        return {
+            **self.cfg.to_dict(),
+            "world_size": self.world,
+            "batch_size_per_device": self.per_device_batch,
+            "batch_size_global": self.cfg.train.batch_size,
+            "lr_peak": self.lr_peak,
+            "params": self.params,
+            "flops_per_image": self.flops,
+            "data_mode": self.data_mode,
+        }
 
     # One optimizer step. Returns the loss and the number of correct predictions as device tensors (no sync).
     def train_step(self, images, labels):
@@ -263,9 +306,13 @@ class Trainer:
         if not self.compiled:
             return 0.0
         t0 = time.perf_counter()
-        saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()),
-                 torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 copy.deepcopy(self.acc.scaler.state_dict()) if self.acc.scaler is not None else None)
+        saved = (
+            copy.deepcopy(self.model.state_dict()),
+            copy.deepcopy(self.optimizer.state_dict()),
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            copy.deepcopy(self.acc.scaler.state_dict()) if self.acc.scaler is not None else None,
+        )
         fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         dev = self.acc.device
 
@@ -298,10 +345,22 @@ class Trainer:
         self.loader_warmup_s = self.warm_up_loader()
         self.compile_time_s = self.warm_up()
         if self.compiled or self.loader_warmup_s:
-            self.log(f"warm-up, not counted in train time: compile {self.compile_time_s:.1f} s, "
-                     f"ffcv pipeline JIT {self.loader_warmup_s:.1f} s")
-        table = EpochTable([("epoch", "d"), ("train_loss", ".4f"), ("train_acc", ".4f"), ("val_loss", ".4f"),
-                            ("val_acc", ".4f"), ("lr", ".4f"), ("time_s", ".1f"), ("img/s", ".0f")])
+            self.log(
+                f"warm-up, not counted in train time: compile {self.compile_time_s:.1f} s, "
+                f"ffcv pipeline JIT {self.loader_warmup_s:.1f} s"
+            )
+        table = EpochTable(
+            [
+                ("epoch", "d"),
+                ("train_loss", ".4f"),
+                ("train_acc", ".4f"),
+                ("val_loss", ".4f"),
+                ("val_acc", ".4f"),
+                ("lr", ".4f"),
+                ("time_s", ".1f"),
+                ("img/s", ".0f"),
+            ]
+        )
         self.log(table.header())
         exit_code = 0
         with StopSignals() as signals:
@@ -313,8 +372,10 @@ class Trainer:
                 row = self.end_epoch()
                 self.log(table.row({**row, "img/s": row["images_per_sec"]}))
                 if t.target_acc is not None and row["val_acc"] is not None and row["val_acc"] >= t.target_acc:
-                    self.log(f"target accuracy {t.target_acc} reached at {p.time_to_target_s:.2f} s of training; "
-                             "stopping early")
+                    self.log(
+                        f"target accuracy {t.target_acc} reached at {p.time_to_target_s:.2f} s of training; "
+                        "stopping early"
+                    )
                     break
         return exit_code
 
@@ -332,9 +393,15 @@ class Trainer:
         acc.wait_for_everyone()  # start every rank's clock together, so per-rank rates measure the same interval
         t_epoch = t_window = time.perf_counter()
         # The bar is for people at a terminal; logs (CI, SLURM) get the epoch table and metrics.jsonl instead.
-        bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, leave=False,
-                   disable=not (self.main and sys.stderr.isatty()),
-                   desc=f"epoch {p.epoch + 1}/{t.epochs}", mininterval=1.0, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=p.step_in_epoch,
+            leave=False,
+            disable=not (self.main and sys.stderr.isatty()),
+            desc=f"epoch {p.epoch + 1}/{t.epochs}",
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
         for images, labels in batches:
             stats = self.optimizer_step(images, labels)
             if stats is None:
@@ -353,10 +420,9 @@ class Trainer:
                 window.zero_()
                 t_window = now  # logging's own cost lands in the next window, on every rank alike
             # One process checks its flag every step; several agree on it (a collective) only at log steps.
-            if self.world == 1 or p.step % t.log_every == 0:
-                if any_rank(acc, signals.received is not None):
-                    bar.close()
-                    return self.interrupted(signals, time.perf_counter() - t_epoch)
+            if (self.world == 1 or p.step % t.log_every == 0) and any_rank(acc, signals.received is not None):
+                bar.close()
+                return self.interrupted(signals, time.perf_counter() - t_epoch)
         bar.close()
         self.check_last_loss()
         self.synchronize()
@@ -395,8 +461,10 @@ class Trainer:
             p.skipped_steps += 1
             self.log(f"\nstep {p.step}: non-finite loss, step skipped ({p.skipped_steps}/{t.max_skips})")
             if p.skipped_steps > t.max_skips:
-                raise NonFiniteLoss(f"more than train.max_skips={t.max_skips} steps had a non-finite loss; "
-                                    f"lower train.lr (now {self.lr_peak:.4g}) or use train.mixed_precision bf16/no")
+                raise NonFiniteLoss(
+                    f"more than train.max_skips={t.max_skips} steps had a non-finite loss; "
+                    f"lower train.lr (now {self.lr_peak:.4g}) or use train.mixed_precision bf16/no"
+                )
             return None, None
         return self.train_step(images, labels)
 
@@ -407,18 +475,29 @@ class Trainer:
                 f"causes: a learning rate too high for this batch (peak lr {self.lr_peak:.4g}; try --train.lr lower), "
                 f"fp16 overflow (use --train.mixed_precision bf16), or bad input data. Training stopped; the last "
                 f"good checkpoint in {self.ckpt_root} is kept (resume with --resume auto). "
-                f"--train.nonfinite skip skips such steps instead.")
+                f"--train.nonfinite skip skips such steps instead."
+            )
 
     def log_step(self, window: torch.Tensor, seconds: float, time_s: float) -> None:
         loss_sum, correct, n = window.tolist()
         steps = n / self.per_device_batch
         own_ips = n / seconds
         global_ips = sum_across_ranks(self.acc, [own_ips])[0]  # each rank's own rate, summed
-        row = {"kind": "step", "epoch": self.progress.epoch + self.progress.step_in_epoch / self.steps_per_epoch,
-               "step": self.progress.step, "time_s": time_s, "wall_s": time.perf_counter() - self.t_start,
-               "lr": self.scheduler.get_last_lr()[0], "train_loss": loss_sum / n, "train_acc": correct / n,
-               "val_acc": None, "images_per_sec": global_ips, "images_per_sec_per_device": global_ips / self.world,
-               "images_per_sec_main": own_ips, "step_time_ms": 1000 * seconds / steps}
+        row = {
+            "kind": "step",
+            "epoch": self.progress.epoch + self.progress.step_in_epoch / self.steps_per_epoch,
+            "step": self.progress.step,
+            "time_s": time_s,
+            "wall_s": time.perf_counter() - self.t_start,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / n,
+            "train_acc": correct / n,
+            "val_acc": None,
+            "images_per_sec": global_ips,
+            "images_per_sec_per_device": global_ips / self.world,
+            "images_per_sec_main": own_ips,
+            "step_time_ms": 1000 * seconds / steps,
+        }
         self.record(row)
 
     def end_epoch(self) -> dict:
@@ -438,13 +517,22 @@ class Trainer:
             if target is not None and p.time_to_target_s is None and val["acc"] >= target:
                 p.time_to_target_s = p.train_time_s
         ips = n / self.epoch_train_s if self.epoch_train_s > 0 else 0.0
-        row = {"kind": "epoch", "epoch": p.epoch, "step": p.step, "time_s": p.train_time_s,
-               "wall_s": time.perf_counter() - self.t_start, "lr": self.scheduler.get_last_lr()[0],
-               "train_loss": loss_sum / n, "train_acc": correct / n,
-               "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
-               "val_count": val["count"] if val else None,
-               "images_per_sec": ips, "images_per_sec_per_device": ips / self.world,
-               "step_time_ms": 1000 * self.epoch_train_s * self.world * self.per_device_batch / n}
+        row = {
+            "kind": "epoch",
+            "epoch": p.epoch,
+            "step": p.step,
+            "time_s": p.train_time_s,
+            "wall_s": time.perf_counter() - self.t_start,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / n,
+            "train_acc": correct / n,
+            "val_loss": val["loss"] if val else None,
+            "val_acc": val["acc"] if val else None,
+            "val_count": val["count"] if val else None,
+            "images_per_sec": ips,
+            "images_per_sec_per_device": ips / self.world,
+            "step_time_ms": 1000 * self.epoch_train_s * self.world * self.per_device_batch / n,
+        }
         if acc.device.type == "cuda":
             row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         self.record(row)
@@ -469,38 +557,57 @@ class Trainer:
         p = self.progress
         p.train_time_s += epoch_train_s
         signum = signals.received or signal_module.SIGTERM
-        self.log(f"\n{signal_module.Signals(signum).name} received: writing a checkpoint at step {p.step} "
-                 f"(epoch {p.epoch + 1}, step {p.step_in_epoch} of {self.steps_per_epoch}) and exiting. "
-                 f"Continue with --resume auto --run.dir {self.run_dir}")
+        self.log(
+            f"\n{signal_module.Signals(signum).name} received: writing a checkpoint at step {p.step} "
+            f"(epoch {p.epoch + 1}, step {p.step_in_epoch} of {self.steps_per_epoch}) and exiting. "
+            f"Continue with --resume auto --run.dir {self.run_dir}"
+        )
         self.save_checkpoint()
         return 128 + signum
 
     def finish(self, exit_code: int) -> dict:
         """Final evaluation with flip TTA, summary.json, curves.png, W&B summary."""
         cfg, p, acc = self.cfg, self.progress, self.acc
-        summary = {"status": {0: "finished", EXIT_NONFINITE: "nonfinite_loss"}.get(exit_code, "interrupted"),
-                   "exit_code": exit_code, "val_acc": self.last_eval["acc"] if self.last_eval else None,
-                   "val_loss": self.last_eval["loss"] if self.last_eval else None, "tta_acc": None,
-                   "best_val_acc": p.best_val_acc, "train_time_s": p.train_time_s,
-                   "compile_time_s": getattr(self, "compile_time_s", 0.0),
-                   "loader_warmup_s": getattr(self, "loader_warmup_s", 0.0),
-                   "wall_time_s": time.perf_counter() - self.t_start, "time_to_target_s": p.time_to_target_s,
-                   "target_acc": cfg.train.target_acc, "epochs": p.epoch, "steps": p.step,
-                   "skipped_steps": p.skipped_steps,
-                   "images_per_sec": (p.step * cfg.train.batch_size / p.train_time_s) if p.train_time_s else None,
-                   "world_size": self.world, "batch_size_global": cfg.train.batch_size,
-                   "batch_size_per_device": self.per_device_batch, "lr_peak": self.lr_peak,
-                   "mixed_precision": acc.mixed_precision, "compiled": self.compiled, "data_mode": self.data_mode,
-                   "device": torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu",
-                   "model": cfg.model["name"], "params": self.params, "flops_per_image": self.flops,
-                   "fasttrain_version": fasttrain.__version__, "torch_version": torch.__version__,
-                   "run_dir": str(self.run_dir)}
+        summary = {
+            "status": {0: "finished", EXIT_NONFINITE: "nonfinite_loss"}.get(exit_code, "interrupted"),
+            "exit_code": exit_code,
+            "val_acc": self.last_eval["acc"] if self.last_eval else None,
+            "val_loss": self.last_eval["loss"] if self.last_eval else None,
+            "tta_acc": None,
+            "best_val_acc": p.best_val_acc,
+            "train_time_s": p.train_time_s,
+            "compile_time_s": getattr(self, "compile_time_s", 0.0),
+            "loader_warmup_s": getattr(self, "loader_warmup_s", 0.0),
+            "wall_time_s": time.perf_counter() - self.t_start,
+            "time_to_target_s": p.time_to_target_s,
+            "target_acc": cfg.train.target_acc,
+            "epochs": p.epoch,
+            "steps": p.step,
+            "skipped_steps": p.skipped_steps,
+            "images_per_sec": (p.step * cfg.train.batch_size / p.train_time_s) if p.train_time_s else None,
+            "world_size": self.world,
+            "batch_size_global": cfg.train.batch_size,
+            "batch_size_per_device": self.per_device_batch,
+            "lr_peak": self.lr_peak,
+            "mixed_precision": acc.mixed_precision,
+            "compiled": self.compiled,
+            "data_mode": self.data_mode,
+            "device": torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu",
+            "model": cfg.model["name"],
+            "params": self.params,
+            "flops_per_image": self.flops,
+            "fasttrain_version": fasttrain.__version__,
+            "torch_version": torch.__version__,
+            "run_dir": str(self.run_dir),
+        }
         if exit_code == 0 and cfg.train.tta and p.step > 0:
             sync_buffers(self.model)
             self.model.eval()
             summary["tta_acc"] = evaluate(self.eval_forward, self.eval_loader, acc, tta=True)["acc"]
-            self.log(f"final: val_acc {summary['val_acc']:.4f}, with flip TTA {summary['tta_acc']:.4f}, "
-                     f"{summary['train_time_s']:.1f} s training, {summary['images_per_sec'] or 0:.0f} images/s")
+            self.log(
+                f"final: val_acc {summary['val_acc']:.4f}, with flip TTA {summary['tta_acc']:.4f}, "
+                f"{summary['train_time_s']:.1f} s training, {summary['images_per_sec'] or 0:.0f} images/s"
+            )
         if self.main:
             _write_json_atomic(self.run_dir / "summary.json", summary)
             rows = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]

@@ -50,6 +50,19 @@ def cifar_slice_dir(tmp_path_factory, shared_archive) -> Path:
     """1,000 train and 1,000 test images of the real CIFAR-10 as .beton files, converted once per session (in a
     subprocess: ffcv's writer must not share a process with a loader)."""
     out = tmp_path_factory.mktemp("data") / "cifar-slice"
-    subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
-                    "--subset", "1000"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fasttrain.data.convert",
+            "--source",
+            str(shared_archive),
+            "--out",
+            str(out),
+            "--subset",
+            "1000",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out

@@ -8,19 +8,41 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
-TINY_MODEL = ["--model", "deepcnn", "--model-arg", "widths=8,16", "--model-arg", "blocks=1,1", "--batch-size", "32",
-              "--steps", "3", "--repeats", "2", "--warmup-steps", "1", "--no-compile", "--device", "cpu"]
+TINY_MODEL = [
+    "--model",
+    "deepcnn",
+    "--model-arg",
+    "widths=8,16",
+    "--model-arg",
+    "blocks=1,1",
+    "--batch-size",
+    "32",
+    "--steps",
+    "3",
+    "--repeats",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--no-compile",
+    "--device",
+    "cpu",
+]
 ENV_KEYS = {"date", "device", "torch", "fasttrain", "world_size"}
 
 
 def bench(*args: str, timeout: int = 300, check: bool = True) -> tuple[subprocess.CompletedProcess, dict | None]:
     # One thread: the test machine's 2 cores are shared, and oversubscribed BLAS threads spin instead of working.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "fasttrain.bench", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fasttrain.bench", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"bench {args} exited {proc.returncode}\nstderr:\n{proc.stderr[-4000:]}")
     lines = proc.stdout.strip().splitlines()
@@ -32,15 +54,28 @@ def bench(*args: str, timeout: int = 300, check: bool = True) -> tuple[subproces
 
 def check_common(result: dict, command: str) -> None:
     assert result["command"] == command
-    assert ENV_KEYS <= result["env"].keys(), ENV_KEYS - result["env"].keys()
+    assert result["env"].keys() >= ENV_KEYS, ENV_KEYS - result["env"].keys()
     assert result["env"]["world_size"] == 1 and result["env"]["torch"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, shared_archive) -> Path:
     out = tmp_path_factory.mktemp("bench-data") / "cifar-500"
-    subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
-                    "--subset", "500"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fasttrain.data.convert",
+            "--source",
+            str(shared_archive),
+            "--out",
+            str(out),
+            "--subset",
+            "500",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -72,8 +107,21 @@ def test_bad_option_is_a_clear_error_without_json(capfd):
 
 @pytest.mark.parametrize("mode", ["gpu", "ffcv"])
 def test_loader_times_epochs_after_the_warm_up(data_dir, mode):
-    _, result = bench("loader", "--data", str(data_dir), "--mode", mode, "--batch-size", "64", "--workers", "1",
-                      "--epochs", "2", "--device", "cpu")
+    _, result = bench(
+        "loader",
+        "--data",
+        str(data_dir),
+        "--mode",
+        mode,
+        "--batch-size",
+        "64",
+        "--workers",
+        "1",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
     check_common(result, "loader")
     assert result["settings"]["mode"] == mode
     assert result["images_per_sec"] > 0 and result["warmup_s"] > 0 and result["measured_epochs"] == 1
@@ -81,11 +129,38 @@ def test_loader_times_epochs_after_the_warm_up(data_dir, mode):
 
 
 def test_e2e_runs_the_trainer_and_reads_its_summary(data_dir, tmp_path):
-    _, result = bench("e2e", "--config", "deepcnn", "--target-acc", "0.05", "--run-dir", str(tmp_path / "run"), "--",
-                      "--model.widths", "8,16", "--model.blocks", "1,1", "--train.epochs", "1",
-                      "--train.batch_size", "100", "--train.lr_peak_epoch", "0.5", "--train.mixed_precision", "no",
-                      "--train.compile", "off", "--wandb.mode", "disabled", "--data.dir", str(data_dir),
-                      "--data.mode", "gpu", "--data.workers", "1")
+    _, result = bench(
+        "e2e",
+        "--config",
+        "deepcnn",
+        "--target-acc",
+        "0.05",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--",
+        "--model.widths",
+        "8,16",
+        "--model.blocks",
+        "1,1",
+        "--train.epochs",
+        "1",
+        "--train.batch_size",
+        "100",
+        "--train.lr_peak_epoch",
+        "0.5",
+        "--train.mixed_precision",
+        "no",
+        "--train.compile",
+        "off",
+        "--wandb.mode",
+        "disabled",
+        "--data.dir",
+        str(data_dir),
+        "--data.mode",
+        "gpu",
+        "--data.workers",
+        "1",
+    )
     check_common(result, "e2e")
     assert result["status"] == "finished" and result["process_exit_code"] == 0
     assert result["epochs"] == 1 and result["steps"] == 5

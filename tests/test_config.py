@@ -2,22 +2,42 @@
 
 import pytest
 
-from fasttrain.config import RECIPES_DIR, build_config, coerce, load_config
-from fasttrain.errors import ConfigError
-from fasttrain.optim import lr_factor, param_groups, scaled_lr
 from fasttrain import models
+from fasttrain.config import build_config, coerce, load_config, recipe_names
+from fasttrain.errors import ConfigError
+from fasttrain.loop.optim import lr_factor, param_groups, scaled_lr
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("recipe", recipe_names())
 def test_every_recipe_loads(recipe):
     cfg = load_config(["--config", recipe])
     assert cfg.model["name"] in models.names()
 
 
 def test_overrides_take_types_from_sections_and_model_signature():
-    cfg = load_config(["--config", "resnet9", "--train.lr", "0.3", "--train.tta=false", "--model.name", "deepcnn",
-                       "--model.widths", "16,32", "--model.blocks", "1,1", "--model.dropout", "0.1",
-                       "--model.block", "skip", "--data.subset", "none", "--resume", "auto"])
+    cfg = load_config(
+        [
+            "--config",
+            "resnet9",
+            "--train.lr",
+            "0.3",
+            "--train.tta=false",
+            "--model.name",
+            "deepcnn",
+            "--model.widths",
+            "16,32",
+            "--model.blocks",
+            "1,1",
+            "--model.dropout",
+            "0.1",
+            "--model.block",
+            "skip",
+            "--data.subset",
+            "none",
+            "--resume",
+            "auto",
+        ]
+    )
     assert cfg.train.lr == 0.3 and cfg.train.tta is False
     assert cfg.model == {"name": "deepcnn", "widths": (16, 32), "blocks": (1, 1), "dropout": 0.1, "block": "skip"}
     assert cfg.data.subset is None and cfg.run.resume == "auto"
@@ -31,21 +51,24 @@ def test_recipe_values_are_overridden_by_command_line(tmp_path):
     assert cfg.model["widths"] == (8, 16)
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--train.lrr", "1"], ["train.lrr", "train.lr", "Valid keys"]),
-    (["--trian.lr", "1"], ["trian", "train", "Valid sections"]),
-    (["--train.epochs", "two"], ["train.epochs", "integer"]),
-    (["--train.lr", "-0.1"], ["train.lr", "> 0"]),
-    (["--train.mixed_precision", "fp8"], ["train.mixed_precision", "bf16", "fp16"]),
-    (["--model.name", "resnet50"], ["model.name", "resnet9", "deepcnn"]),
-    (["--model.name", "deepcnn", "--model.dropout", "1.0"], ["dropout"]),
-    (["--model.name", "deepcnn", "--model.depth", "3"], ["model.depth", "widths"]),
-    (["--train.tta", "maybe"], ["train.tta", "true or false"]),
-    (["--config", "nonexistent"], ["nonexistent", "resnet9"]),
-    (["--train.lr"], ["--train.lr needs a value"]),
-    (["epochs=3"], ["unexpected argument"]),
-    (["--resume", "/no/such/dir"], ["run.resume", "does not exist"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--train.lrr", "1"], ["train.lrr", "train.lr", "Valid keys"]),
+        (["--trian.lr", "1"], ["trian", "train", "Valid sections"]),
+        (["--train.epochs", "two"], ["train.epochs", "integer"]),
+        (["--train.lr", "-0.1"], ["train.lr", "> 0"]),
+        (["--train.mixed_precision", "fp8"], ["train.mixed_precision", "bf16", "fp16"]),
+        (["--model.name", "resnet50"], ["model.name", "resnet9", "deepcnn"]),
+        (["--model.name", "deepcnn", "--model.dropout", "1.0"], ["dropout"]),
+        (["--model.name", "deepcnn", "--model.depth", "3"], ["model.depth", "widths"]),
+        (["--train.tta", "maybe"], ["train.tta", "true or false"]),
+        (["--config", "nonexistent"], ["nonexistent", "resnet9"]),
+        (["--train.lr"], ["--train.lr needs a value"]),
+        (["epochs=3"], ["unexpected argument"]),
+        (["--resume", "/no/such/dir"], ["run.resume", "does not exist"]),
+    ],
+)
 def test_bad_input_names_the_key_and_the_valid_choices(argv, words):
     with pytest.raises(ConfigError) as err:
         load_config(argv)
@@ -90,8 +113,8 @@ def test_triangular_schedule_peaks_then_reaches_zero():
     factors = [lr_factor(s, total, peak, "triangular") for s in range(total)]
     assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) == peak
     assert factors[0] > 0 and factors[-1] == pytest.approx(1 / 80)
-    assert all(a <= b for a, b in zip(factors[:peak], factors[1:peak + 1]))
-    assert all(a >= b for a, b in zip(factors[peak:], factors[peak + 1:]))
+    assert all(a <= b for a, b in zip(factors[:peak], factors[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(factors[peak:], factors[peak + 1 :]))
 
 
 def test_no_weight_decay_on_batchnorm_and_bias():

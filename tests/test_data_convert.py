@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, read_archive_slice
 from PIL import Image
 
-from conftest import REPO, read_archive_slice
 from fasttrain.data.convert import convert
 from fasttrain.data.manifest import verify
 from fasttrain.errors import DatasetError
@@ -45,8 +45,13 @@ def run_python(code: str, *args: str, check: bool = True) -> subprocess.Complete
 
 def run_convert_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "fasttrain.data.convert", "--quiet", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fasttrain.data.convert", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 # ---- generated sources ----
@@ -61,16 +66,22 @@ def write_cifar_pickles(folder: Path, rng: np.random.Generator) -> dict[str, tup
     for name, n in batches.items():
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, len(PICKLE_NAMES), n)]
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                 b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+        }
         # Protocol 2 as the original Python 2 files; its bytes objects exercise the unpickler's _codecs path.
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
         split = "test" if name == "test_batch" else "train"
         images = data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
         remapped = np.array([sorted_index[PICKLE_NAMES[v]] for v in labels], dtype=np.int64)
         if split in expected:
-            expected[split] = (np.concatenate([expected[split][0], images]),
-                               np.concatenate([expected[split][1], remapped]))
+            expected[split] = (
+                np.concatenate([expected[split][0], images]),
+                np.concatenate([expected[split][1], remapped]),
+            )
         else:
             expected[split] = (images, remapped)
     meta = {b"label_names": [n.encode() for n in PICKLE_NAMES], b"num_cases_per_batch": 6}
@@ -131,18 +142,39 @@ def sources(tmp_path_factory, shared_archive) -> dict[str, dict]:
     slices = {split: read_archive_slice(per_class, split) for split in ("train", "test")}
     shared = {split: images_labels[:2] for split, images_labels in slices.items()}
     return {
-        "pickle-folder": {"source": str(root / "pickles" / "cifar-10-batches-py"), "expected": pickles,
-                          "kind": "cifar-batches", "classes": sorted(PICKLE_NAMES)},
-        "pickle-tar": {"source": str(root / "cifar-10-python.tar.gz"), "expected": pickles,
-                       "kind": "cifar-batches-tar", "classes": sorted(PICKLE_NAMES)},
-        "torchvision": {"source": "cifar10", "expected": pickles, "kind": "torchvision",
-                        "classes": sorted(PICKLE_NAMES), "cache": str(cache)},
-        "folder": {"source": str(root / "tree"), "expected": folder, "kind": "imagefolder",
-                   "classes": FOLDER_CLASSES},
-        "folder-tar": {"source": str(root / "tree.tar.gz"), "expected": folder, "kind": "imagefolder-tar",
-                       "classes": FOLDER_CLASSES},
-        "shared-archive": {"source": str(shared_archive), "expected": shared, "kind": "imagefolder-tar",
-                           "subset": SHARED_SUBSET, "classes": slices["train"][2]},
+        "pickle-folder": {
+            "source": str(root / "pickles" / "cifar-10-batches-py"),
+            "expected": pickles,
+            "kind": "cifar-batches",
+            "classes": sorted(PICKLE_NAMES),
+        },
+        "pickle-tar": {
+            "source": str(root / "cifar-10-python.tar.gz"),
+            "expected": pickles,
+            "kind": "cifar-batches-tar",
+            "classes": sorted(PICKLE_NAMES),
+        },
+        "torchvision": {
+            "source": "cifar10",
+            "expected": pickles,
+            "kind": "torchvision",
+            "classes": sorted(PICKLE_NAMES),
+            "cache": str(cache),
+        },
+        "folder": {"source": str(root / "tree"), "expected": folder, "kind": "imagefolder", "classes": FOLDER_CLASSES},
+        "folder-tar": {
+            "source": str(root / "tree.tar.gz"),
+            "expected": folder,
+            "kind": "imagefolder-tar",
+            "classes": FOLDER_CLASSES,
+        },
+        "shared-archive": {
+            "source": str(shared_archive),
+            "expected": shared,
+            "kind": "imagefolder-tar",
+            "subset": SHARED_SUBSET,
+            "classes": slices["train"][2],
+        },
     }
 
 
@@ -188,7 +220,7 @@ def test_manifest_records_the_conversion(name, sources, converted):
     assert manifest["subset"] == spec.get("subset")
     assert manifest["classes"] == spec["classes"]
     assert manifest["image_shape"] == [32, 32, 3]
-    for split, (images, labels) in spec["expected"].items():
+    for split, (_images, labels) in spec["expected"].items():
         entry = manifest["splits"][split]
         data = (out / entry["file"]).read_bytes()
         assert entry["count"] == len(labels)
@@ -227,8 +259,16 @@ def test_pixels_and_labels_round_trip_exactly(name, mode, sources, converted):
     from fasttrain.data.normalize import denormalize
 
     expected = sources[name]["expected"]
-    train, evaluation = build_loaders(converted[name], mode=mode, batch_size=4, eval_batch_size=4, workers=1,
-                                      device="cpu", augment=False, drop_last=False)
+    train, evaluation = build_loaders(
+        converted[name],
+        mode=mode,
+        batch_size=4,
+        eval_batch_size=4,
+        workers=1,
+        device="cpu",
+        augment=False,
+        drop_last=False,
+    )
     test_images, test_labels = expected["test"]
     batches = [(denormalize(x), y.clone(), v.clone()) for x, y, v in evaluation]
     images = torch.cat([b[0] for b in batches]).permute(0, 2, 3, 1).numpy()

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from fasttrain.data import augment
 from fasttrain.data.normalize import denormalize
 from fasttrain.errors import ConfigError, DatasetError
@@ -65,8 +65,13 @@ def data_dir(tmp_path_factory) -> Path:
     """A test-only data directory whose label is the sample index, written in a subprocess (DatasetWriter forks)."""
     out = tmp_path_factory.mktemp("indexed")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", _WRITE_BETONS, str(out), str(Path(__file__).parent), str(N_TRAIN),
-                    str(N_TEST)], check=True, capture_output=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", _WRITE_BETONS, str(out), str(Path(__file__).parent), str(N_TRAIN), str(N_TEST)],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
     return out
 
 
@@ -157,8 +162,9 @@ def test_both_modes_read_the_same_images_in_the_same_order(loaders):
         orders[mode] = [[label for _, label in epoch] for epoch in epochs]
         assert orders[mode][0] != orders[mode][1]
 
-        got = [(denormalize(x).permute(0, 2, 3, 1).numpy(), y.numpy().copy(), v.numpy().copy())
-               for x, y, v in evaluation]
+        got = [
+            (denormalize(x).permute(0, 2, 3, 1).numpy(), y.numpy().copy(), v.numpy().copy()) for x, y, v in evaluation
+        ]
         np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), np.arange(N_TEST))
         np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), pattern_images(np.arange(N_TEST)))
         assert all(g[2].all() for g in got) and evaluation.num_samples == evaluation.num_yielded == N_TEST
@@ -272,7 +278,7 @@ def test_torch_cutout_fills_exactly_one_square_inside():
         holes = ~image.any(axis=2)
         assert holes.sum() == 64
         corner = cutout_square(image, np.zeros((32, 32), bool), 8)
-        assert corner is not None and 0 <= min(corner) and max(corner) <= 24
+        assert corner is not None and min(corner) >= 0 and max(corner) <= 24
         corners.append(corner)
     uniform_enough([c[0] for c in corners], 0, 24)
     uniform_enough([c[1] for c in corners], 0, 24)
@@ -280,8 +286,11 @@ def test_torch_cutout_fills_exactly_one_square_inside():
 
 def test_torch_ops_keep_float_dtype_device_and_are_seeded():
     batch = pattern_batch(8, torch.float32)
-    for op in (lambda g: augment.flip(batch, g), lambda g: augment.translate(batch, 2, g),
-               lambda g: augment.cutout(batch, 8, g)):
+    for op in (
+        lambda g: augment.flip(batch, g),
+        lambda g: augment.translate(batch, 2, g),
+        lambda g: augment.cutout(batch, 8, g),
+    ):
         a, b = op(torch.Generator().manual_seed(3)), op(torch.Generator().manual_seed(3))
         assert a.dtype == torch.float32 and a.shape == batch.shape and a.device == batch.device
         torch.testing.assert_close(a, b)
@@ -397,8 +406,13 @@ debug_launcher(lambda: shard(sys.argv[1], sys.argv[2]), num_processes=2)
 @pytest.mark.slow
 def test_two_ranks_cover_every_sample_exactly_once(data_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", _SHARDED, str(data_dir), str(tmp_path)], capture_output=True,
-                            text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARDED, str(data_dir), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for mode in ("ffcv", "gpu"):

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO
+from safetensors.torch import load_file
 from test_train import ACCELERATE, TINY, TRAIN, env_for_tests, read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -24,11 +23,20 @@ def launch(args, cwd: Path, *, processes: int, env_extra=None, timeout=600):
     if processes == 1:
         launcher = [str(ACCELERATE), "launch", "--num_processes", "1", "--cpu"]
     else:
-        launcher = [str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), "--num_processes", str(processes),
-                    "--main_process_port", str(29500 + os.getpid() % 1000)]
+        launcher = [
+            str(ACCELERATE),
+            "launch",
+            "--config_file",
+            str(CPU_2PROC),
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(29500 + os.getpid() % 1000),
+        ]
     t0 = time.perf_counter()
-    proc = subprocess.run([*launcher, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [*launcher, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return proc, time.perf_counter() - t0
 
 
@@ -40,8 +48,23 @@ def data_dir(cifar_slice_dir):
 @pytest.mark.parametrize("mode", ["ffcv", "gpu"])
 def test_two_processes_share_the_work_and_only_rank0_writes(tmp_path, data_dir, mode):
     run_dir = tmp_path / "run"
-    proc, _ = launch([*TINY, "--data.dir", str(data_dir), "--data.mode", mode, "--run.dir", str(run_dir),
-                      "--train.epochs", "2", "--wandb.mode", "offline"], tmp_path, processes=2)
+    proc, _ = launch(
+        [
+            *TINY,
+            "--data.dir",
+            str(data_dir),
+            "--data.mode",
+            mode,
+            "--run.dir",
+            str(run_dir),
+            "--train.epochs",
+            "2",
+            "--wandb.mode",
+            "offline",
+        ],
+        tmp_path,
+        processes=2,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2, "a run that silently fell back to one process"
@@ -73,12 +96,46 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, data_dir):
     """Full-batch steps (global batch = all 1,000 images), no augmentation, no BatchNorm, no dropout: each step's
     gradient is the same whatever the split, so DDP's averaged gradients must give the 1-process weights."""
-    args = ["--model.name", "deepcnn", "--model.widths", "8,16", "--model.blocks", "1,1", "--model.batchnorm", "false",
-            "--train.batch_size", "1000", "--train.lr", "0.05", "--train.lr_ref_batch", "1000",
-            "--train.lr_peak_epoch", "1", "--train.epochs", "4", "--train.label_smoothing", "0",
-            "--train.mixed_precision", "no", "--train.compile", "off", "--train.tta", "false",
-            "--data.dir", str(data_dir), "--data.mode", "gpu", "--data.flip", "false", "--data.translate", "0",
-            "--data.cutout", "0", "--wandb.mode", "disabled"]
+    args = [
+        "--model.name",
+        "deepcnn",
+        "--model.widths",
+        "8,16",
+        "--model.blocks",
+        "1,1",
+        "--model.batchnorm",
+        "false",
+        "--train.batch_size",
+        "1000",
+        "--train.lr",
+        "0.05",
+        "--train.lr_ref_batch",
+        "1000",
+        "--train.lr_peak_epoch",
+        "1",
+        "--train.epochs",
+        "4",
+        "--train.label_smoothing",
+        "0",
+        "--train.mixed_precision",
+        "no",
+        "--train.compile",
+        "off",
+        "--train.tta",
+        "false",
+        "--data.dir",
+        str(data_dir),
+        "--data.mode",
+        "gpu",
+        "--data.flip",
+        "false",
+        "--data.translate",
+        "0",
+        "--data.cutout",
+        "0",
+        "--wandb.mode",
+        "disabled",
+    ]
     one, _ = launch([*args, "--run.dir", str(tmp_path / "one")], tmp_path, processes=1)
     assert one.returncode == 0, one.stderr[-4000:]
     two, _ = launch([*args, "--run.dir", str(tmp_path / "two")], tmp_path, processes=2)
@@ -98,9 +155,25 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, d
 
 
 def test_a_rank_that_raises_ends_the_whole_job_quickly(tmp_path, data_dir):
-    proc, seconds = launch([*TINY, "--data.dir", str(data_dir), "--data.mode", "gpu", "--run.dir", str(tmp_path / "r"),
-                            "--train.epochs", "3", "--wandb.mode", "disabled"], tmp_path, processes=2,
-                           env_extra={"FASTTRAIN_INJECT_FAULT": "rank=1,step=5"}, timeout=180)
+    proc, seconds = launch(
+        [
+            *TINY,
+            "--data.dir",
+            str(data_dir),
+            "--data.mode",
+            "gpu",
+            "--run.dir",
+            str(tmp_path / "r"),
+            "--train.epochs",
+            "3",
+            "--wandb.mode",
+            "disabled",
+        ],
+        tmp_path,
+        processes=2,
+        env_extra={"FASTTRAIN_INJECT_FAULT": "rank=1,step=5"},
+        timeout=180,
+    )
     assert proc.returncode != 0
     assert "injected fault on rank 1 at step 5" in proc.stderr
     startup_and_run = 60

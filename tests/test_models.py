@@ -6,9 +6,9 @@ from typing import Literal
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_archive_slice
 from torch import nn
 
-from conftest import read_archive_slice
 from fasttrain.errors import ConfigError
 from fasttrain.models import (
     DeepCNN,
@@ -167,8 +167,16 @@ def test_unknown_argument_is_named_with_the_valid_ones() -> None:
 
 def test_describe_gives_precise_annotations() -> None:
     params = describe("deepcnn")
-    assert list(params) == ["widths", "blocks", "block", "dropout", "stem_channels", "num_classes", "in_channels",
-                            "batchnorm"]
+    assert list(params) == [
+        "widths",
+        "blocks",
+        "block",
+        "dropout",
+        "stem_channels",
+        "num_classes",
+        "in_channels",
+        "batchnorm",
+    ]
     annotations = {name: p.annotation for name, p in params.items()}
     assert annotations == {
         "widths": tuple[int, ...],

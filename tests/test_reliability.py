@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_distributed import launch
 from test_train import TINY, TRAIN, checkpoint_steps, env_for_tests, read_jsonl, run_train
 
@@ -32,8 +31,15 @@ def data_dir(cifar_slice_dir):
 
 def start(args, cwd, env_extra=None, **kwargs):
     env = {**env_for_tests(cwd), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, proc, timeout=300) -> None:
@@ -70,8 +76,9 @@ def test_kill_9_mid_epoch_then_resume_loses_at_most_an_epoch(tmp_path, data_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["epochs"] == 3 and summary["status"] == "finished"
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert rows[: len([r for r in rows_before if r["step"] <= 10])] == [r for r in rows_before if r["step"] <= 10], \
+    assert rows[: len([r for r in rows_before if r["step"] <= 10])] == [r for r in rows_before if r["step"] <= 10], (
         "metrics.jsonl continued: the rows up to the checkpoint are kept as they were"
+    )
     steps = [r["step"] for r in rows if r["kind"] == "step"]
     assert steps == sorted(set(steps)), "rows logged after the checkpoint were dropped before training went on"
 
@@ -128,9 +135,27 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_pa
 
 
 def test_nonfinite_skip_mode_skips_then_gives_up(tmp_path, data_dir):
-    proc = run_train([*FAST, "--data.dir", str(data_dir), "--run.dir", str(tmp_path / "r"), "--train.epochs", "1",
-                      "--train.lr", "1e30", "--train.schedule", "constant", "--train.nonfinite", "skip",
-                      "--train.max_skips", "3"], tmp_path, check=False)
+    proc = run_train(
+        [
+            *FAST,
+            "--data.dir",
+            str(data_dir),
+            "--run.dir",
+            str(tmp_path / "r"),
+            "--train.epochs",
+            "1",
+            "--train.lr",
+            "1e30",
+            "--train.schedule",
+            "constant",
+            "--train.nonfinite",
+            "skip",
+            "--train.max_skips",
+            "3",
+        ],
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode == 3
     assert proc.stdout.count("step skipped") == 4 and "more than train.max_skips=3" in proc.stderr
 
@@ -160,8 +185,19 @@ def test_damaged_dataset_is_refused_before_training(tmp_path, data_dir, damage):
 
 
 def test_missing_dataset_and_source_names_the_option(tmp_path):
-    proc = run_train([*FAST, "--data.source", str(tmp_path / "no-such-archive.tar.gz"), "--data.dir",
-                      str(tmp_path / "data"), "--run.dir", str(tmp_path / "r")], tmp_path, check=False)
+    proc = run_train(
+        [
+            *FAST,
+            "--data.source",
+            str(tmp_path / "no-such-archive.tar.gz"),
+            "--data.dir",
+            str(tmp_path / "data"),
+            "--run.dir",
+            str(tmp_path / "r"),
+        ],
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "no-such-archive.tar.gz" in proc.stderr + proc.stdout and "--data.source" in proc.stderr
     assert not (tmp_path / "data").exists(), "nothing half-written"
@@ -187,8 +223,17 @@ def test_unwritable_run_dir_is_refused_at_start(tmp_path, data_dir):
 
 def test_disk_full_at_save_time_keeps_the_previous_checkpoint(tmp_path, data_dir):
     run_dir = tmp_path / "r"
-    args = [*FAST, "--model.widths", "16,32", "--data.dir", str(data_dir), "--train.epochs", "2",
-            "--run.dir", str(run_dir)]
+    args = [
+        *FAST,
+        "--model.widths",
+        "16,32",
+        "--data.dir",
+        str(data_dir),
+        "--train.epochs",
+        "2",
+        "--run.dir",
+        str(run_dir),
+    ]
     proc = start(args, tmp_path)
     wait_for_step(run_dir, 12, proc)
     proc.send_signal(signal.SIGTERM)
@@ -210,10 +255,28 @@ def test_disk_full_at_save_time_keeps_the_previous_checkpoint(tmp_path, data_dir
 def test_wandb_unreachable_falls_back_to_offline_once(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40}
-    proc = subprocess.run([sys.executable, str(TRAIN), *TINY, "--data.mode", "gpu", "--data.dir", str(data_dir),
-                           "--run.dir", str(run_dir), "--train.epochs", "1", "--wandb.mode", "online"],
-                          cwd=tmp_path, env={**env_for_tests(tmp_path), **env}, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            *TINY,
+            "--data.mode",
+            "gpu",
+            "--data.dir",
+            str(data_dir),
+            "--run.dir",
+            str(run_dir),
+            "--train.epochs",
+            "1",
+            "--wandb.mode",
+            "online",
+        ],
+        cwd=tmp_path,
+        env={**env_for_tests(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert out.count("wandb sync") == 1, "says so once, with how to upload later"
@@ -222,14 +285,20 @@ def test_wandb_unreachable_falls_back_to_offline_once(tmp_path, data_dir):
 
 def test_not_logged_in_means_offline_by_default(tmp_path, data_dir):
     run_dir = tmp_path / "r"
-    proc = run_train([*TINY, "--data.mode", "gpu", "--data.dir", str(data_dir), "--run.dir", str(run_dir),
-                      "--train.epochs", "1"], tmp_path)
+    proc = run_train(
+        [*TINY, "--data.mode", "gpu", "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "1"],
+        tmp_path,
+    )
     assert "offline" in proc.stdout and list((run_dir / "wandb").glob("offline-run-*"))
 
 
 def test_batch_that_does_not_divide_across_ranks_is_refused(tmp_path, data_dir):
-    proc, _ = launch([*FAST, "--data.dir", str(data_dir), "--train.batch_size", "101", "--run.dir",
-                      str(tmp_path / "r")], tmp_path, processes=2, timeout=120)
+    proc, _ = launch(
+        [*FAST, "--data.dir", str(data_dir), "--train.batch_size", "101", "--run.dir", str(tmp_path / "r")],
+        tmp_path,
+        processes=2,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "train.batch_size" in proc.stderr and "multiple of 2" in proc.stderr
 
@@ -241,13 +310,29 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_a_minute(tmp_path, data_
     env = {**env_for_tests(tmp_path), "ACCELERATE_USE_CPU": "1"}
     from test_distributed import ACCELERATE, CPU_2PROC
 
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), "--main_process_port",
-           str(29500 + (os.getpid() + 7) % 1000), str(TRAIN), *FAST, "--data.dir", str(data_dir), "--run.dir",
-           str(run_dir), "--train.epochs", "50"]
+    cmd = [
+        str(ACCELERATE),
+        "launch",
+        "--config_file",
+        str(CPU_2PROC),
+        "--main_process_port",
+        str(29500 + (os.getpid() + 7) % 1000),
+        str(TRAIN),
+        *FAST,
+        "--data.dir",
+        str(data_dir),
+        "--run.dir",
+        str(run_dir),
+        "--train.epochs",
+        "50",
+    ]
     job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(run_dir, 4, job)
-    rank1 = [p for p in psutil.Process(job.pid).children(recursive=True)
-             if p.environ().get("RANK") == "1" and "train.py" in " ".join(p.cmdline())]
+    rank1 = [
+        p
+        for p in psutil.Process(job.pid).children(recursive=True)
+        if p.environ().get("RANK") == "1" and "train.py" in " ".join(p.cmdline())
+    ]
     assert len(rank1) == 1
     t0 = time.perf_counter()
     rank1[0].kill()

@@ -18,8 +18,16 @@ WANDB_CLI = Path(sys.executable).with_name("wandb")
 FAKE_API_KEY = "f" * 40
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-_WANDB_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR",
-              "WANDB_DIR", "WANDB_SILENT", "NETRC")
+_WANDB_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_BASE_URL",
+    "WANDB_IDENTITY_TOKEN_FILE",
+    "WANDB_CONFIG_DIR",
+    "WANDB_DIR",
+    "WANDB_SILENT",
+    "NETRC",
+)
 
 
 def _reset_wandb() -> None:
@@ -48,12 +56,14 @@ def _messages(capsys) -> list[str]:
 
 
 def _inspect(*args: str) -> str:
-    result = subprocess.run([str(WANDB_CLI), "leet", "inspect", "--json", *args],
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [str(WANDB_CLI), "leet", "inspect", "--json", *args], capture_output=True, text=True, timeout=60, check=True
+    )
     return result.stdout
 
 
 # --- W&B ---------------------------------------------------------------------------------------------------
+
 
 def test_offline_run_is_recorded_as_logged(clean_env, tmp_path, monkeypatch, capsys):
     working_dir = tmp_path / "cwd"
@@ -64,8 +74,15 @@ def test_offline_run_is_recorded_as_logged(clean_env, tmp_path, monkeypatch, cap
         {"images_per_sec": 52000.0, "step_time_ms": 9.5, "train_acc": 0.5},
         {"images_per_sec": 52500.0, "step_time_ms": 9.25, "train_acc": 0.75, "val_acc": 0.625},
     ]
-    run = start_wandb("offline", project="fasttrain-test", name="offline-check", tags=("test",),
-                      config={"lr": 0.1, "epochs": 3}, run_dir=tmp_path / "run", system_stats=False)
+    run = start_wandb(
+        "offline",
+        project="fasttrain-test",
+        name="offline-check",
+        tags=("test",),
+        config={"lr": 0.1, "epochs": 3},
+        run_dir=tmp_path / "run",
+        system_stats=False,
+    )
     assert run.mode == "offline" and run.id
     for step, metrics in enumerate(logged):
         run.log(metrics, step=step)
@@ -164,8 +181,15 @@ def test_online_start_falls_back_when_server_never_answers(clean_env, tmp_path, 
     monkeypatch.setenv("WANDB_API_KEY", FAKE_API_KEY)
     try:
         started = time.monotonic()
-        run = start_wandb("online", project="fasttrain-test", config={}, run_dir=tmp_path / "run",
-                          resume_id="resumeme1", init_timeout_s=3, system_stats=False)
+        run = start_wandb(
+            "online",
+            project="fasttrain-test",
+            config={},
+            run_dir=tmp_path / "run",
+            resume_id="resumeme1",
+            init_timeout_s=3,
+            system_stats=False,
+        )
         elapsed = time.monotonic() - started
     finally:
         silent_server.close()
@@ -183,14 +207,18 @@ def test_disabled_does_nothing_and_writes_nothing(clean_env, tmp_path):
     assert run.mode == "disabled" and run.id is None and run.run_dir_path is None and run.url is None
     assert not (tmp_path / "run").exists()
 
-    probe = ("import sys; from fasttrain.tracking import start_wandb; "
-             "start_wandb('disabled', project='p', config={}, run_dir='unused'); print('wandb' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-                            cwd=tmp_path, check=True)
+    probe = (
+        "import sys; from fasttrain.tracking import start_wandb; "
+        "start_wandb('disabled', project='p', config={}, run_dir='unused'); print('wandb' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=True
+    )
     assert result.stdout.strip().splitlines()[-1] == "False"
 
 
 # --- metrics file ------------------------------------------------------------------------------------------
+
 
 def _strict_loads(line: str) -> dict:
     def reject(constant: str):
@@ -251,6 +279,7 @@ def test_read_metrics_rejects_damage_before_the_last_line(tmp_path):
 
 # --- plots -------------------------------------------------------------------------------------------------
 
+
 def _assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 5_000
@@ -261,8 +290,16 @@ def test_plot_curves_multi_epoch(tmp_path):
     rows = []
     for epoch in range(1, 9):
         rows.append({"step": epoch * 10 - 5, "train_loss": 2.0})  # step rows are ignored
-        rows.append({"step": epoch * 10, "epoch": epoch, "train_acc": 0.5 + 0.06 * epoch, "val_acc": 0.5 + 0.04 * epoch,
-                     "train_loss": 2.0 / epoch, "val_loss": 2.2 / epoch + (0.1 * epoch if epoch > 5 else 0)})
+        rows.append(
+            {
+                "step": epoch * 10,
+                "epoch": epoch,
+                "train_acc": 0.5 + 0.06 * epoch,
+                "val_acc": 0.5 + 0.04 * epoch,
+                "train_loss": 2.0 / epoch,
+                "val_loss": 2.2 / epoch + (0.1 * epoch if epoch > 5 else 0),
+            }
+        )
     rows[-1]["val_loss"] = float("nan")
     _assert_png(plot_curves(rows, tmp_path / "plots" / "curves.png", title="resnet18 on CIFAR-10"))
 
@@ -275,12 +312,15 @@ def test_plot_curves_single_epoch_with_missing_values(tmp_path):
 
 # --- console table -----------------------------------------------------------------------------------------
 
+
 def test_epoch_table_aligns_columns():
     table = EpochTable([("epoch", "d"), ("train_loss", ".4f"), ("val_acc", ".4f"), ("time_s", ".1f")])
     header = table.header().splitlines()
-    rows = [table.row({"epoch": 1, "train_loss": 2.30123, "val_acc": 0.1032, "time_s": 3.25}),
-            table.row({"epoch": 12, "train_loss": 0.5, "val_acc": None}),
-            table.row({"epoch": 100, "train_loss": float("nan"), "val_acc": "n/a", "time_s": 120.0})]
+    rows = [
+        table.row({"epoch": 1, "train_loss": 2.30123, "val_acc": 0.1032, "time_s": 3.25}),
+        table.row({"epoch": 12, "train_loss": 0.5, "val_acc": None}),
+        table.row({"epoch": 100, "train_loss": float("nan"), "val_acc": "n/a", "time_s": 120.0}),
+    ]
     assert header[0].split("|")[1:-1] == ["  epoch   ", "  train_loss  ", "  val_acc  ", "  time_s  "]
     assert set(header[1]) == {"-"}
     assert len({len(line) for line in [*header, *rows]}) == 1

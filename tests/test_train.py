@@ -10,22 +10,67 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 TRAIN = REPO / "fasttrain" / "train.py"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 WANDB = Path(sys.executable).with_name("wandb")
 
-TINY = ["--model.name", "deepcnn", "--model.widths", "8,16", "--model.blocks", "1,1",
-        "--train.batch_size", "100", "--train.lr", "0.2", "--train.lr_ref_batch", "100", "--train.lr_peak_epoch", "1",
-        "--train.log_every", "2", "--data.workers", "1", "--data.eval_batch_size", "250",
-        "--train.mixed_precision", "no", "--train.compile", "off"]
-STEP_KEYS = {"epoch", "step", "time_s", "lr", "train_loss", "train_acc", "val_acc", "images_per_sec",
-             "images_per_sec_per_device", "step_time_ms"}
-SUMMARY_KEYS = {"val_acc", "tta_acc", "best_val_acc", "train_time_s", "compile_time_s", "wall_time_s",
-                "time_to_target_s", "images_per_sec", "world_size", "mixed_precision", "device", "model", "params",
-                "fasttrain_version", "torch_version"}
+TINY = [
+    "--model.name",
+    "deepcnn",
+    "--model.widths",
+    "8,16",
+    "--model.blocks",
+    "1,1",
+    "--train.batch_size",
+    "100",
+    "--train.lr",
+    "0.2",
+    "--train.lr_ref_batch",
+    "100",
+    "--train.lr_peak_epoch",
+    "1",
+    "--train.log_every",
+    "2",
+    "--data.workers",
+    "1",
+    "--data.eval_batch_size",
+    "250",
+    "--train.mixed_precision",
+    "no",
+    "--train.compile",
+    "off",
+]
+STEP_KEYS = {
+    "epoch",
+    "step",
+    "time_s",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_acc",
+    "images_per_sec",
+    "images_per_sec_per_device",
+    "step_time_ms",
+}
+SUMMARY_KEYS = {
+    "val_acc",
+    "tta_acc",
+    "best_val_acc",
+    "train_time_s",
+    "compile_time_s",
+    "wall_time_s",
+    "time_to_target_s",
+    "images_per_sec",
+    "world_size",
+    "mixed_precision",
+    "device",
+    "model",
+    "params",
+    "fasttrain_version",
+    "torch_version",
+}
 
 
 def env_for_tests(tmp_path: Path) -> dict:
@@ -37,11 +82,13 @@ def env_for_tests(tmp_path: Path) -> dict:
 
 def run_train(args, tmp_path, *, launcher=None, timeout=600, check=True):
     cmd = [*(launcher or [sys.executable]), str(TRAIN), *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for_tests(tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env_for_tests(tmp_path), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
-                             f"stderr:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -59,9 +106,23 @@ def finished_run(cifar_slice_dir, tmp_path_factory):
     """One short run through `accelerate launch` itself (bf16 autocast on CPU), W&B offline."""
     tmp = tmp_path_factory.mktemp("run")
     run_dir = tmp / "run"
-    proc = run_train([*TINY, "--data.dir", str(cifar_slice_dir), "--run.dir", str(run_dir), "--train.epochs", "3",
-                      "--train.mixed_precision", "bf16", "--wandb.mode", "offline"], tmp,
-                     launcher=[str(ACCELERATE), "launch", "--num_processes", "1", "--cpu"])
+    proc = run_train(
+        [
+            *TINY,
+            "--data.dir",
+            str(cifar_slice_dir),
+            "--run.dir",
+            str(run_dir),
+            "--train.epochs",
+            "3",
+            "--train.mixed_precision",
+            "bf16",
+            "--wandb.mode",
+            "offline",
+        ],
+        tmp,
+        launcher=[str(ACCELERATE), "launch", "--num_processes", "1", "--cpu"],
+    )
     return run_dir, proc
 
 
@@ -72,14 +133,14 @@ def test_run_writes_every_output(finished_run):
     epoch_rows = [r for r in rows if r["kind"] == "epoch"]
     assert step_rows and len(epoch_rows) == 3
     for row in rows:
-        assert STEP_KEYS <= row.keys(), STEP_KEYS - row.keys()
+        assert row.keys() >= STEP_KEYS, STEP_KEYS - row.keys()
     assert all(r["images_per_sec"] > 0 and r["step_time_ms"] > 0 for r in rows)
     assert all(r["val_acc"] is not None and 0 <= r["val_acc"] <= 1 and r["val_loss"] > 0 for r in epoch_rows)
     assert [r["epoch"] for r in epoch_rows] == [1, 2, 3]
     assert epoch_rows[-1]["step"] == 3 * 10  # 1,000 images / batch 100, drop_last
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert SUMMARY_KEYS <= summary.keys(), SUMMARY_KEYS - summary.keys()
+    assert summary.keys() >= SUMMARY_KEYS, SUMMARY_KEYS - summary.keys()
     assert summary["world_size"] == 1 and summary["mixed_precision"] == "bf16" and summary["device"] == "cpu"
     assert summary["steps"] == 30 and summary["status"] == "finished"
     assert summary["val_acc"] == epoch_rows[-1]["val_acc"]
@@ -96,20 +157,29 @@ def test_wandb_offline_run_recorded_throughput_and_accuracy(finished_run):
     run_dir, _ = finished_run
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
-    records = subprocess.run([str(WANDB), "leet", "inspect", "--json", str(next(offline[0].glob("run-*.wandb")))],
-                             capture_output=True, text=True, check=True).stdout
+    records = subprocess.run(
+        [str(WANDB), "leet", "inspect", "--json", str(next(offline[0].glob("run-*.wandb")))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     history = [json.loads(line) for line in records.splitlines() if '"history"' in line]
     text = "\n".join(json.dumps(h) for h in history)
     for key in ("images_per_sec", "step_time_ms", "train_acc", "val_acc", "lr"):
         assert key in text, f"{key} missing from W&B history"
-    summary = subprocess.run([str(WANDB), "leet", "inspect", "--summary", "--json", str(offline[0])],
-                             capture_output=True, text=True, check=True).stdout
+    summary = subprocess.run(
+        [str(WANDB), "leet", "inspect", "--summary", "--json", str(offline[0])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "tta_acc" in summary and "train_time_s" in summary
 
 
 def test_bad_config_is_refused_before_any_work(tmp_path, data_dir):
-    proc = run_train(["--data.dir", str(data_dir), "--train.dropout", "0.5", "--run.dir", str(tmp_path / "r")],
-                     tmp_path, check=False)
+    proc = run_train(
+        ["--data.dir", str(data_dir), "--train.dropout", "0.5", "--run.dir", str(tmp_path / "r")], tmp_path, check=False
+    )
     assert proc.returncode == 2
     assert "unknown key 'train.dropout'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
@@ -122,15 +192,25 @@ def test_out_of_range_model_argument_is_refused(tmp_path, data_dir):
 
 def test_interrupted_run_resumes_to_the_same_steps_and_schedule(tmp_path, data_dir):
     """SIGTERM mid-epoch -> checkpoint + exit 143; --resume auto finishes with the uninterrupted run's steps and LRs."""
-    common = [*TINY, "--data.dir", str(data_dir), "--train.epochs", "3", "--wandb.mode", "disabled",
-              "--data.mode", "gpu"]
+    common = [
+        *TINY,
+        "--data.dir",
+        str(data_dir),
+        "--train.epochs",
+        "3",
+        "--wandb.mode",
+        "disabled",
+        "--data.mode",
+        "gpu",
+    ]
     reference = tmp_path / "reference"
     run_train([*common, "--run.dir", str(reference)], tmp_path)
 
     run_dir = tmp_path / "interrupted"
     cmd = [sys.executable, str(TRAIN), *common, "--run.dir", str(run_dir)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for_tests(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env_for_tests(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until epoch 2 is under way
@@ -160,8 +240,19 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 def test_resume_refuses_a_different_config(tmp_path, data_dir):
     run_dir = tmp_path / "r"
-    base = [*TINY, "--data.dir", str(data_dir), "--train.epochs", "1", "--wandb.mode", "disabled",
-            "--data.mode", "gpu", "--run.dir", str(run_dir)]
+    base = [
+        *TINY,
+        "--data.dir",
+        str(data_dir),
+        "--train.epochs",
+        "1",
+        "--wandb.mode",
+        "disabled",
+        "--data.mode",
+        "gpu",
+        "--run.dir",
+        str(run_dir),
+    ]
     run_train(base, tmp_path)
     proc = run_train([*base, "--train.epochs", "2", "--train.lr", "0.3", "--resume", "auto"], tmp_path, check=False)
     assert proc.returncode == 2
@@ -170,8 +261,24 @@ def test_resume_refuses_a_different_config(tmp_path, data_dir):
 
 def test_target_accuracy_stops_early_and_reports_the_time(tmp_path, data_dir):
     run_dir = tmp_path / "r"
-    run_train([*TINY, "--data.dir", str(data_dir), "--train.epochs", "4", "--wandb.mode", "disabled",
-               "--data.mode", "gpu", "--run.dir", str(run_dir), "--train.target_acc", "0.12"], tmp_path)
+    run_train(
+        [
+            *TINY,
+            "--data.dir",
+            str(data_dir),
+            "--train.epochs",
+            "4",
+            "--wandb.mode",
+            "disabled",
+            "--data.mode",
+            "gpu",
+            "--run.dir",
+            str(run_dir),
+            "--train.target_acc",
+            "0.12",
+        ],
+        tmp_path,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["time_to_target_s"] is not None and summary["epochs"] < 4
     assert summary["best_val_acc"] >= 0.12
@@ -182,11 +289,33 @@ def test_compile_warm_up_covers_every_graph_the_run_uses(tmp_path, data_dir):
     epochs: nothing recompiles afterwards, and the warm-up is reported apart from the training time."""
     run_dir = tmp_path / "r"
     env = {**env_for_tests(tmp_path), "TORCH_LOGS": "recompiles"}
-    proc = subprocess.run([sys.executable, str(TRAIN), *TINY, "--train.compile", "on", "--data.mode", "gpu",
-                           "--data.eval_batch_size", "300", "--data.dir", str(data_dir), "--run.dir", str(run_dir),
-                           "--train.epochs", "2", "--wandb.mode", "disabled"],
-                          cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            *TINY,
+            "--train.compile",
+            "on",
+            "--data.mode",
+            "gpu",
+            "--data.eval_batch_size",
+            "300",
+            "--data.dir",
+            str(data_dir),
+            "--run.dir",
+            str(run_dir),
+            "--train.epochs",
+            "2",
+            "--wandb.mode",
+            "disabled",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     during_warm_up, after_warm_up = proc.stdout.split("warm-up, not counted in train time", 1)
     assert "Recompiling" in during_warm_up, "the log shows recompilations (eval mode, eval batch sizes) at all"

@@ -46,9 +46,7 @@ def translate(images: torch.Tensor, padding: int, generator: torch.Generator | N
     return padded[samples, channels, rows, cols]
 
 
-def cutout(
-    images: torch.Tensor, size: int, generator: torch.Generator | None = None, fill: float = 0
-) -> torch.Tensor:
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator | None = None, fill: float = 0) -> torch.Tensor:
     n, _, h, w = images.shape
     if size == 0:
         return images.clone()
@@ -60,7 +58,7 @@ def cutout(
     ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
     in_rows = (ys >= y0) & (ys < y0 + size)  # [n, h]
     in_cols = (xs >= x0) & (xs < x0 + size)  # [n, w]
-    square = (in_rows.view(n, 1, h, 1) & in_cols.view(n, 1, 1, w))
+    square = in_rows.view(n, 1, h, 1) & in_cols.view(n, 1, 1, w)
     return images.masked_fill(square, fill)
 
 

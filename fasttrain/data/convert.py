@@ -26,9 +26,10 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,8 @@ from fasttrain.data.manifest import (
     sha256_file,
     verify,
 )
-from fasttrain.files import fsync_path
 from fasttrain.errors import DatasetError, FasttrainError
+from fasttrain.files import fsync_path
 
 SUBSET_RULE = (
     "the first N // C images of each class in source order, one more for the first N % C classes "
@@ -70,8 +71,12 @@ def _write_beton(path: Path, split: sources.Split, progress: bool) -> None:
 
     workers = max(1, min(8, os.cpu_count() or 1, len(split.labels) // 5000 + 1))
     # 2 MiB pages (ffcv's minimum) rather than its 8 MiB default: each worker pads its last page to full size.
-    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-                           page_size=1 << 21, num_workers=workers)
+    writer = DatasetWriter(
+        str(path),
+        {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+        page_size=1 << 21,
+        num_workers=workers,
+    )
     quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())  # ffcv's own bar
     with quiet:
         writer.from_indexed_dataset(_ArrayDataset(split), chunksize=1000)
@@ -101,8 +106,9 @@ def _manifest(source: str, dataset: sources.Dataset, subset: int | None, folder:
     }
 
 
-def _check_destination(out: Path, source: str, ref: sources.SourceRef, subset: int | None,
-                       force: bool) -> dict[str, Any] | None:
+def _check_destination(
+    out: Path, source: str, ref: sources.SourceRef, subset: int | None, force: bool
+) -> dict[str, Any] | None:
     """The existing manifest if `out` already holds this conversion; None if `out` may be (re)written."""
     if not out.exists():
         return None
@@ -114,8 +120,10 @@ def _check_destination(out: Path, source: str, ref: sources.SourceRef, subset: i
     if MANIFEST_NAME not in contents:
         if force and contents <= {MANIFEST_NAME, *BETON_NAMES.values()}:
             return None
-        raise DatasetError(f"--out {out} is a non-empty directory without {MANIFEST_NAME}, so not a fasttrain "
-                           f"data set; choose a new or empty --out (nothing there was touched)")
+        raise DatasetError(
+            f"--out {out} is a non-empty directory without {MANIFEST_NAME}, so not a fasttrain "
+            f"data set; choose a new or empty --out (nothing there was touched)"
+        )
     if force:
         return None
     try:
@@ -138,8 +146,10 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
         os.rename(tmp, out)  # atomic; also replaces an empty directory
     except OSError:
         if not force:
-            raise DatasetError(f"{out} appeared while converting (a concurrent conversion?); nothing was "
-                               f"replaced: rerun the same command to reuse it, or add --force") from None
+            raise DatasetError(
+                f"{out} appeared while converting (a concurrent conversion?); nothing was "
+                f"replaced: rerun the same command to reuse it, or add --force"
+            ) from None
         old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(out, old)
         os.rename(tmp, out)
@@ -147,8 +157,14 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
     fsync_path(out.parent)
 
 
-def convert(source: str, out: str | Path, subset: int | None = None, force: bool = False,
-            cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def convert(
+    source: str,
+    out: str | Path,
+    subset: int | None = None,
+    force: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Convert `source` into `out`/{train,test}.beton and manifest.json; returns the manifest (see module doc)."""
     start = time.perf_counter()
     out = Path(out).expanduser().absolute()
@@ -186,20 +202,36 @@ def convert(source: str, out: str | Path, subset: int | None = None, force: bool
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fasttrain-convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="cifar10",
-                        help="cifar10 (torchvision download), a cifar-10-batches-py folder, cifar-10-python.tar.gz, "
-                             "or an ImageFolder train/ test/ tree as a folder or .tar/.tar.gz/.tgz (default: cifar10)")
+    parser.add_argument(
+        "--source",
+        default="cifar10",
+        help="cifar10 (torchvision download), a cifar-10-batches-py folder, cifar-10-python.tar.gz, "
+        "or an ImageFolder train/ test/ tree as a folder or .tar/.tar.gz/.tgz (default: cifar10)",
+    )
     parser.add_argument("--out", required=True, help="directory to create (train.beton, test.beton, manifest.json)")
-    parser.add_argument("--subset", type=int, default=None,
-                        help="keep N images per split (train and test): " + SUBSET_RULE.replace("%", "%%"))
+    parser.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        help="keep N images per split (train and test): " + SUBSET_RULE.replace("%", "%%"),
+    )
     parser.add_argument("--force", action="store_true", help="replace an --out converted from another source/subset")
-    parser.add_argument("--cache-dir", default=None,
-                        help=f"torchvision download cache for --source cifar10 (default {sources.DEFAULT_CACHE_DIR})")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"torchvision download cache for --source cifar10 (default {sources.DEFAULT_CACHE_DIR})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        convert(args.source, args.out, subset=args.subset, force=args.force, cache_dir=args.cache_dir,
-                progress=not args.quiet)
+        convert(
+            args.source,
+            args.out,
+            subset=args.subset,
+            force=args.force,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+        )
     except FasttrainError as e:
         print(e, file=sys.stderr)
         return 2

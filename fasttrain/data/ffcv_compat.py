@@ -7,8 +7,8 @@ then run on as many threads as the loader has workers; `torch_threads_kept` rest
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -32,7 +32,20 @@ with torch_threads_kept():
     from ffcv.writer import DatasetWriter
 
 __all__ = [
-    "Cutout", "DatasetWriter", "IntDecoder", "IntField", "Loader", "OrderOption", "RGBImageField",
-    "RandomHorizontalFlip", "RandomTranslate", "Reader", "SimpleRGBImageDecoder", "Squeeze", "ToDevice",
-    "ToTensor", "ToTorchImage", "torch_threads_kept",
+    "Cutout",
+    "DatasetWriter",
+    "IntDecoder",
+    "IntField",
+    "Loader",
+    "OrderOption",
+    "RGBImageField",
+    "RandomHorizontalFlip",
+    "RandomTranslate",
+    "Reader",
+    "SimpleRGBImageDecoder",
+    "Squeeze",
+    "ToDevice",
+    "ToTensor",
+    "ToTorchImage",
+    "torch_threads_kept",
 ]

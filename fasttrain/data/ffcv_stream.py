@@ -12,9 +12,9 @@ overwritten by later batches, so consumers must clone anything they keep past th
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -49,28 +49,57 @@ def check_process_group(rank: int, world_size: int) -> None:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("mode 'ffcv' with distributed=True needs torch.distributed's default process group: "
-                           "create it (e.g. Accelerator()) before build_loaders")
+        raise RuntimeError(
+            "mode 'ffcv' with distributed=True needs torch.distributed's default process group: "
+            "create it (e.g. Accelerator()) before build_loaders"
+        )
     if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
-        raise RuntimeError(f"rank/world_size {rank}/{world_size} disagree with the process group's "
-                           f"{dist.get_rank()}/{dist.get_world_size()}; ffcv shards with the process group")
+        raise RuntimeError(
+            f"rank/world_size {rank}/{world_size} disagree with the process group's "
+            f"{dist.get_rank()}/{dist.get_world_size()}; ffcv shards with the process group"
+        )
 
 
 class _FfcvLoader:
-    def __init__(self, path: Path, *, image_ops: list, batch_size: int, workers: int, device: torch.device,
-                 order: OrderOption, seed: int, distributed: bool, channels_last: bool, drop_last: bool):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        image_ops: list,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        order: OrderOption,
+        seed: int,
+        distributed: bool,
+        channels_last: bool,
+        drop_last: bool,
+    ):
         self.device = device
         self.batch_size = batch_size
         self._normalize = Normalizer(device, channels_last)
         pipelines = {
-            "image": [SimpleRGBImageDecoder(), *image_ops, ToTensor(), *_to_device(device),
-                      ToTorchImage(channels_last=True)],
+            "image": [
+                SimpleRGBImageDecoder(),
+                *image_ops,
+                ToTensor(),
+                *_to_device(device),
+                ToTorchImage(channels_last=True),
+            ],
             "label": [IntDecoder(), ToTensor(), Squeeze(1), *_to_device(device)],
         }
         with torch_threads_kept():
-            self._loader = Loader(str(path), batch_size=batch_size, num_workers=workers, order=order,
-                                  distributed=distributed, seed=seed, drop_last=drop_last, pipelines=pipelines,
-                                  os_cache=True)
+            self._loader = Loader(
+                str(path),
+                batch_size=batch_size,
+                num_workers=workers,
+                order=order,
+                distributed=distributed,
+                seed=seed,
+                drop_last=drop_last,
+                pipelines=pipelines,
+                os_cache=True,
+            )
         self.dataset_size = int(self._loader.reader.num_samples)
 
     def __len__(self) -> int:
@@ -86,8 +115,7 @@ class _FfcvLoader:
     def _drain(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         finished = False
         try:
-            for batch in batches:
-                yield batch
+            yield from batches
             finished = True
         finally:
             if not finished:
@@ -97,14 +125,43 @@ class _FfcvLoader:
 class FfcvTrainLoader(_FfcvLoader):
     """(images, labels) in random order (ffcv RANDOM, seed + epoch: see fasttrain.data.sharding), augmented."""
 
-    def __init__(self, path: Path, *, batch_size: int, workers: int, device: torch.device, flip: bool,
-                 translate: int, cutout: int, seed: int, distributed: bool, world_size: int,
-                 channels_last: bool, drop_last: bool):
-        ops = [op for op, wanted in ((RandomHorizontalFlip(0.5), flip), (RandomTranslate(padding=translate), translate),
-                                     (Cutout(cutout), cutout)) if wanted]
-        super().__init__(path, image_ops=ops, batch_size=batch_size, workers=workers, device=device,
-                         order=OrderOption.RANDOM, seed=seed, distributed=distributed, channels_last=channels_last,
-                         drop_last=drop_last)
+    def __init__(
+        self,
+        path: Path,
+        *,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        flip: bool,
+        translate: int,
+        cutout: int,
+        seed: int,
+        distributed: bool,
+        world_size: int,
+        channels_last: bool,
+        drop_last: bool,
+    ):
+        ops = [
+            op
+            for op, wanted in (
+                (RandomHorizontalFlip(0.5), flip),
+                (RandomTranslate(padding=translate), translate),
+                (Cutout(cutout), cutout),
+            )
+            if wanted
+        ]
+        super().__init__(
+            path,
+            image_ops=ops,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            order=OrderOption.RANDOM,
+            seed=seed,
+            distributed=distributed,
+            channels_last=channels_last,
+            drop_last=drop_last,
+        )
         per_rank = math.ceil(self.dataset_size / world_size) if distributed else self.dataset_size
         self.num_samples = len(self) * batch_size if drop_last else per_rank
 
@@ -125,11 +182,30 @@ class FfcvTrainLoader(_FfcvLoader):
 class FfcvEvalLoader(_FfcvLoader):
     """Sequential, unaugmented, (images, labels, valid); ffcv's distributed padding is marked invalid."""
 
-    def __init__(self, path: Path, *, batch_size: int, workers: int, device: torch.device, distributed: bool,
-                 rank: int, world_size: int, channels_last: bool):
-        super().__init__(path, image_ops=[], batch_size=batch_size, workers=workers, device=device,
-                         order=OrderOption.SEQUENTIAL, seed=0, distributed=distributed,
-                         channels_last=channels_last, drop_last=False)
+    def __init__(
+        self,
+        path: Path,
+        *,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        distributed: bool,
+        rank: int,
+        world_size: int,
+        channels_last: bool,
+    ):
+        super().__init__(
+            path,
+            image_ops=[],
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            order=OrderOption.SEQUENTIAL,
+            seed=0,
+            distributed=distributed,
+            channels_last=channels_last,
+            drop_last=False,
+        )
         if distributed:
             self.num_samples, self.num_yielded = eval_counts(self.dataset_size, rank, world_size)
         else:

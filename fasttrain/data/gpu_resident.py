@@ -8,8 +8,8 @@ generator on the device seeded with (seed, epoch, rank), so an epoch's augmentat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,8 +33,14 @@ def read_beton(path: Path | str, workers: int = 1, batch_size: int = 5000) -> tu
     images uint8 [N,3,H,W] (contiguous, CPU) and labels int64 [N]."""
     pipelines = {"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor(), Squeeze(1)]}
     with torch_threads_kept():
-        loader = Loader(str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
-                        drop_last=False, pipelines=pipelines)
+        loader = Loader(
+            str(path),
+            batch_size=batch_size,
+            num_workers=workers,
+            order=OrderOption.SEQUENTIAL,
+            drop_last=False,
+            pipelines=pipelines,
+        )
         n = int(loader.reader.num_samples)
         images: torch.Tensor | None = None
         labels = torch.empty(n, dtype=torch.int64)
@@ -58,9 +64,23 @@ def _augment_seed(seed: int, epoch: int, rank: int) -> int:
 class GpuTrainLoader:
     """Random order (as mode "ffcv"), augmented on the device, (images, labels)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, device: torch.device,
-                 flip: bool, translate: int, cutout: int, seed: int, distributed: bool, rank: int, world_size: int,
-                 channels_last: bool, drop_last: bool):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        device: torch.device,
+        flip: bool,
+        translate: int,
+        cutout: int,
+        seed: int,
+        distributed: bool,
+        rank: int,
+        world_size: int,
+        channels_last: bool,
+        drop_last: bool,
+    ):
         self.images, self.labels = images, labels
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.flip_p, self.translate, self.cutout = (0.5 if flip else 0.0), translate, cutout
@@ -87,16 +107,30 @@ class GpuTrainLoader:
     def _epoch(self, order: torch.Tensor, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, order.shape[0], self.batch_size):
             index = order[start : start + self.batch_size]
-            images = aug.augment(self.images.index_select(0, index), flip_p=self.flip_p,
-                                 translate_px=self.translate, cutout_px=self.cutout, generator=generator)
+            images = aug.augment(
+                self.images.index_select(0, index),
+                flip_p=self.flip_p,
+                translate_px=self.translate,
+                cutout_px=self.cutout,
+                generator=generator,
+            )
             yield self._normalize(images), self.labels.index_select(0, index)
 
 
 class GpuEvalLoader:
     """Rank r reads range(r, N, world) in order, unpadded: (images, labels, valid) with valid all True."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, device: torch.device,
-                 rank: int, world_size: int, channels_last: bool):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        channels_last: bool,
+    ):
         self.images, self.labels = images, labels
         self.batch_size, self.device = batch_size, device
         self.dataset_size = images.shape[0]

@@ -28,8 +28,9 @@ Mode "gpu" (fasttrain.data.gpu_resident) holds the data set on the device and au
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -61,8 +62,17 @@ class EvalLoader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
 
-def _check_arguments(mode: str, batch_size: int, eval_batch_size: int, workers: int, translate: int, cutout: int,
-                     distributed: bool, rank: int, world_size: int) -> None:
+def _check_arguments(
+    mode: str,
+    batch_size: int,
+    eval_batch_size: int,
+    workers: int,
+    translate: int,
+    cutout: int,
+    distributed: bool,
+    rank: int,
+    world_size: int,
+) -> None:
     if mode not in MODES:
         raise ConfigError(f"data mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
     if batch_size < 1 or eval_batch_size < 1 or workers < 1:
@@ -78,15 +88,32 @@ def beton_paths(data_dir: Path | str) -> dict[str, Path]:
     paths = {split: data_dir / name for split, name in BETON_NAMES.items()}
     for path in paths.values():
         if not path.is_file():
-            raise DatasetError(f"{path} is missing; convert the data set with "
-                               f"`{convert_command('cifar10', data_dir)}` (or --source PATH for a local copy)")
+            raise DatasetError(
+                f"{path} is missing; convert the data set with "
+                f"`{convert_command('cifar10', data_dir)}` (or --source PATH for a local copy)"
+            )
     return paths
 
 
-def build_loaders(data_dir: Path | str, *, mode: str = "ffcv", batch_size: int, eval_batch_size: int, workers: int,
-                  device: torch.device | str, flip: bool = True, translate: int = 2, cutout: int = 8, seed: int = 0,
-                  distributed: bool = False, rank: int = 0, world_size: int = 1, channels_last: bool = True,
-                  drop_last: bool = True, augment: bool = True) -> tuple[TrainLoader, EvalLoader]:
+def build_loaders(
+    data_dir: Path | str,
+    *,
+    mode: str = "ffcv",
+    batch_size: int,
+    eval_batch_size: int,
+    workers: int,
+    device: torch.device | str,
+    flip: bool = True,
+    translate: int = 2,
+    cutout: int = 8,
+    seed: int = 0,
+    distributed: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = True,
+    drop_last: bool = True,
+    augment: bool = True,
+) -> tuple[TrainLoader, EvalLoader]:
     """The (training, evaluation) loaders over `data_dir`; see the module docstring for what they yield.
 
     `workers`: ffcv's CPU threads (mode "gpu" uses them only for the one-time read). `augment=False` turns off
@@ -103,12 +130,30 @@ def build_loaders(data_dir: Path | str, *, mode: str = "ffcv", batch_size: int, 
 
         if distributed:
             check_process_group(rank, world_size)
-        train = FfcvTrainLoader(paths["train"], batch_size=batch_size, workers=workers, device=device, flip=flip,
-                                translate=translate, cutout=cutout, seed=seed, distributed=distributed,
-                                world_size=world_size, channels_last=channels_last, drop_last=drop_last)
-        evaluation = FfcvEvalLoader(paths["test"], batch_size=eval_batch_size, workers=workers, device=device,
-                                    distributed=distributed, rank=rank, world_size=world_size,
-                                    channels_last=channels_last)
+        train = FfcvTrainLoader(
+            paths["train"],
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            flip=flip,
+            translate=translate,
+            cutout=cutout,
+            seed=seed,
+            distributed=distributed,
+            world_size=world_size,
+            channels_last=channels_last,
+            drop_last=drop_last,
+        )
+        evaluation = FfcvEvalLoader(
+            paths["test"],
+            batch_size=eval_batch_size,
+            workers=workers,
+            device=device,
+            distributed=distributed,
+            rank=rank,
+            world_size=world_size,
+            channels_last=channels_last,
+        )
         return train, evaluation
 
     from fasttrain.data.gpu_resident import GpuEvalLoader, GpuTrainLoader, read_beton
@@ -117,9 +162,26 @@ def build_loaders(data_dir: Path | str, *, mode: str = "ffcv", batch_size: int, 
         images, labels = read_beton(paths[split], workers)
         return images.to(device), labels.to(device)
 
-    train = GpuTrainLoader(*on_device("train"), batch_size=batch_size, device=device, flip=flip, translate=translate,
-                           cutout=cutout, seed=seed, distributed=distributed, rank=rank, world_size=world_size,
-                           channels_last=channels_last, drop_last=drop_last)
-    evaluation = GpuEvalLoader(*on_device("test"), batch_size=eval_batch_size, device=device, rank=rank,
-                               world_size=world_size, channels_last=channels_last)
+    train = GpuTrainLoader(
+        *on_device("train"),
+        batch_size=batch_size,
+        device=device,
+        flip=flip,
+        translate=translate,
+        cutout=cutout,
+        seed=seed,
+        distributed=distributed,
+        rank=rank,
+        world_size=world_size,
+        channels_last=channels_last,
+        drop_last=drop_last,
+    )
+    evaluation = GpuEvalLoader(
+        *on_device("test"),
+        batch_size=eval_batch_size,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        channels_last=channels_last,
+    )
     return train, evaluation

@@ -69,8 +69,10 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
             f"`{convert_command('cifar10', data_dir, force=True)}` (or --source PATH for a local copy)"
         ) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise DatasetError(f"{path} is not a fasttrain manifest; reconvert with "
-                           f"`{convert_command('cifar10', data_dir, force=True)}` (or --source PATH for a local copy)")
+        raise DatasetError(
+            f"{path} is not a fasttrain manifest; reconvert with "
+            f"`{convert_command('cifar10', data_dir, force=True)}` (or --source PATH for a local copy)"
+        )
     return manifest
 
 

@@ -21,9 +21,9 @@ import io
 import os
 import pickle
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -119,7 +119,9 @@ def download_cifar10(cache_dir: Path) -> Path:
     try:
         from torchvision.datasets import CIFAR10
     except ImportError:
-        raise DatasetError(f"--source cifar10 needs torchvision (pip install torchvision); {OTHER_SOURCES_HINT}")
+        raise DatasetError(
+            f"--source cifar10 needs torchvision (pip install torchvision); {OTHER_SOURCES_HINT}"
+        ) from None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         CIFAR10(root=str(cache_dir), train=True, download=True)
@@ -170,7 +172,9 @@ class _TarFiles:
                     if rel.lower().endswith(IMAGE_SUFFIXES) or rel.rsplit("/", 1)[-1] in CIFAR_FILES:
                         self.data[rel] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DatasetError(f"{archive} is not a readable tar archive ({e}); check the file or re-download it")
+            raise DatasetError(
+                f"{archive} is not a readable tar archive ({e}); check the file or re-download it"
+            ) from None
         self.paths = sorted(self.data)
 
     def read(self, rel: str) -> bytes:
@@ -216,7 +220,9 @@ def _unpickle(data: bytes, where: Path) -> dict:
     try:
         obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:
-        raise DatasetError(f"{where} is not a CIFAR-10 python batch file ({e}); re-download cifar-10-python.tar.gz")
+        raise DatasetError(
+            f"{where} is not a CIFAR-10 python batch file ({e}); re-download cifar-10-python.tar.gz"
+        ) from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{where} is not a CIFAR-10 python batch file; re-download cifar-10-python.tar.gz")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -346,9 +352,7 @@ def _read_image_folder(
     for split in SPLITS:
         quota = _quota(subset, len(classes)) if subset is not None else [None] * len(classes)
         selected[split] = [
-            (rel, label)
-            for label, cls in enumerate(classes)
-            for rel in sorted(by_split[split][cls])[: quota[label]]
+            (rel, label) for label, cls in enumerate(classes) for rel in sorted(by_split[split][cls])[: quota[label]]
         ]
 
     total = sum(len(v) for v in selected.values())
@@ -386,7 +390,7 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
     except DatasetError:
         raise
     except Exception as e:
-        raise DatasetError(f"{where} cannot be read as an image ({e}); replace or delete the file")
+        raise DatasetError(f"{where} cannot be read as an image ({e}); replace or delete the file") from None
 
 
 def per_class_counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:

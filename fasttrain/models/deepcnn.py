@@ -36,8 +36,12 @@ def _check_arguments(
 
 
 def _residual_stage(in_channels: int, width: int, count: int, dropout: float, batchnorm: bool) -> nn.Sequential:
-    return nn.Sequential(*(ResidualBlock(in_channels if i == 0 else width, width, dropout=dropout, batchnorm=batchnorm)
-                           for i in range(count)))
+    return nn.Sequential(
+        *(
+            ResidualBlock(in_channels if i == 0 else width, width, dropout=dropout, batchnorm=batchnorm)
+            for i in range(count)
+        )
+    )
 
 
 def _skip_stage(in_channels: int, width: int, count: int, batchnorm: bool) -> nn.Sequential:

@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
-            batchnorm: bool = True) -> nn.Sequential:
+def conv_bn(
+    in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1, batchnorm: bool = True
+) -> nn.Sequential:
     """Same-padded conv followed by BatchNorm (the conv then has no bias: the BN shift replaces it).
 
     Without BatchNorm the conv gets a bias and an Identity stands where the BN was, so module positions match.
@@ -16,8 +17,9 @@ def conv_bn(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 
     )
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
-                 batchnorm: bool = True) -> nn.Sequential:
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1, batchnorm: bool = True
+) -> nn.Sequential:
     """conv_bn followed by ReLU."""
     return nn.Sequential(*conv_bn(in_channels, out_channels, kernel, stride, batchnorm), nn.ReLU(inplace=True))
 
@@ -29,8 +31,9 @@ class ResidualBlock(nn.Module):
     `branch[-1]` is the last BatchNorm: zeroing its weight and bias zeroes the residual branch.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0,
-                 batchnorm: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0, batchnorm: bool = True
+    ) -> None:
         super().__init__()
         self.branch = nn.Sequential(
             *conv_bn_relu(in_channels, out_channels, stride=stride, batchnorm=batchnorm),
@@ -40,7 +43,8 @@ class ResidualBlock(nn.Module):
         needs_projection = stride != 1 or in_channels != out_channels
         self.shortcut: nn.Module = (
             conv_bn(in_channels, out_channels, kernel=1, stride=stride, batchnorm=batchnorm)
-            if needs_projection else nn.Identity()
+            if needs_projection
+            else nn.Identity()
         )
         self.relu = nn.ReLU(inplace=True)
 

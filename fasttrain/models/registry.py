@@ -5,7 +5,8 @@ so every builder argument must be keyword-able, annotated and defaulted; `regist
 """
 
 import inspect
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 

@@ -1,8 +1,8 @@
 """A fixed-width per-epoch table for the console:
 
-    |  epoch  |  train_loss  |  val_acc  |
-    -------------------------------------
-    |      1  |      2.3012  |   0.1032  |
+|  epoch  |  train_loss  |  val_acc  |
+-------------------------------------
+|      1  |      2.3012  |   0.1032  |
 """
 
 from typing import Any
@@ -15,7 +15,8 @@ class EpochTable:
 
     `columns` is a list of (name, format spec), e.g. [("epoch", "d"), ("val_acc", ".4f")]. A column is as wide as
     its name (at least 6 characters); values are right-aligned; a missing value leaves the cell blank, a value
-    the spec does not fit (a string under ".4f") is shown as text, and a value wider than its column shifts the rest of that row.
+    the spec does not fit (a string under ".4f") is shown as text, and a value wider than its column shifts the
+    rest of that row.
     """
 
     def __init__(self, columns: list[tuple[str, str]]) -> None:

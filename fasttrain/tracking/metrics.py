@@ -95,9 +95,9 @@ class MetricsFile:
         if resume_step is not None and self.path.exists():
             kept = [row for row in read_metrics(self.path) if not _logged_after(row, resume_step)]
             _rewrite(self.path, kept)
-            self._file: IO[str] = open(self.path, "a", encoding="utf-8")
+            self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run)
         else:
-            self._file = open(self.path, "w", encoding="utf-8")
+            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (open for the run)
 
     def write(self, row: dict[str, Any]) -> None:
         self._file.write(encode_row(row) + "\n")

@@ -32,9 +32,7 @@ def read_global_settings() -> dict[str, str]:
 
 def wandb_base_url() -> str:
     """The W&B server URL: WANDB_BASE_URL, else `base_url` from the settings file, else the public cloud."""
-    return (
-        os.environ.get("WANDB_BASE_URL") or read_global_settings().get("base_url") or DEFAULT_BASE_URL
-    ).rstrip("/")
+    return (os.environ.get("WANDB_BASE_URL") or read_global_settings().get("base_url") or DEFAULT_BASE_URL).rstrip("/")
 
 
 def netrc_path() -> Path:

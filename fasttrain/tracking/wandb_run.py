@@ -28,8 +28,13 @@ from fasttrain.tracking.wandb_credentials import find_api_key_source, wandb_base
 MODES = ("auto", "online", "offline", "disabled")
 
 # WANDB_MODE values wandb accepts that we understand, and what they mean here.
-_ENV_MODE_MEANINGS = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
-                      "disabled": "disabled"}
+_ENV_MODE_MEANINGS = {
+    "online": "online",
+    "run": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+}
 
 # A healthy online start takes a few seconds; a server that accepts connections but never answers costs this
 # plus ~2 s of wandb teardown before the offline fallback begins.
@@ -158,12 +163,23 @@ def start_wandb(
     run_dir.mkdir(parents=True, exist_ok=True)
     _quiet(wandb)
     init_args = dict(
-        project=project, entity=entity, name=name, tags=list(tags), config=config, dir=str(run_dir),
+        project=project,
+        entity=entity,
+        name=name,
+        tags=list(tags),
+        config=config,
+        dir=str(run_dir),
         # A fixed id lets the offline fallback (and a later resume) keep the id the online attempt had.
-        id=resume_id or _new_run_id(), resume="allow" if resume_id else None,
+        id=resume_id or _new_run_id(),
+        resume="allow" if resume_id else None,
     )
-    settings = dict(console="off", silent=True, x_disable_stats=not system_stats,
-                    init_timeout=init_timeout_s, finish_timeout=finish_timeout_s)
+    settings = dict(
+        console="off",
+        silent=True,
+        x_disable_stats=not system_stats,
+        init_timeout=init_timeout_s,
+        finish_timeout=finish_timeout_s,
+    )
 
     if resolved == "online":
         problem = server_unreachable(wandb_base_url())
@@ -218,4 +234,3 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     message = text[0] if text else type(error).__name__
     return message if len(message) <= 200 else message[:197] + "..."
-

@@ -15,17 +15,32 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fasttrain.distributed import inject_fault
 from fasttrain.errors import ConfigError, FasttrainError
 from fasttrain.files import fsync_path, fsync_tree
+from fasttrain.loop.distributed import inject_fault
 
 META = "meta.json"
 PREFIX = "ckpt-"
 # Settings that may change between a run and its resumption without changing what is being trained.
-RESUMABLE_KEYS = {"run.resume", "run.dir", "data.dir", "data.source", "data.workers", "data.eval_batch_size",
-                  "train.log_every", "train.compile", "train.compile_mode", "train.target_acc",
-                  "checkpoint.every", "checkpoint.keep", "wandb.mode", "wandb.project", "wandb.entity",
-                  "wandb.name", "wandb.tags"}
+RESUMABLE_KEYS = {
+    "run.resume",
+    "run.dir",
+    "data.dir",
+    "data.source",
+    "data.workers",
+    "data.eval_batch_size",
+    "train.log_every",
+    "train.compile",
+    "train.compile_mode",
+    "train.target_acc",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "wandb.mode",
+    "wandb.project",
+    "wandb.entity",
+    "wandb.name",
+    "wandb.tags",
+}
 
 
 @dataclass
@@ -63,8 +78,14 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return None
-        meta = {"complete": True, "epoch": progress.epoch, "step": progress.step,
-                "step_in_epoch": progress.step_in_epoch, "world_size": accelerator.num_processes, "config": config}
+        meta = {
+            "complete": True,
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "step_in_epoch": progress.step_in_epoch,
+            "world_size": accelerator.num_processes,
+            "config": config,
+        }
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -84,7 +105,8 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
         reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
         raise FasttrainError(
             f"could not write checkpoint {final}: {reason}; {kept}. "
-            f"Free disk space or choose another --run.dir, then continue with --resume auto") from None
+            f"Free disk space or choose another --run.dir, then continue with --resume auto"
+        ) from None
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -121,8 +143,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """Settings that differ between a checkpoint's run and this one, ignoring those safe to change on resume."""
     a, b = flatten(saved), flatten(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
-    return [f"  {k}: checkpoint={a.get(k, '<unset>')!r}  now={b.get(k, '<unset>')!r}"
-            for k in keys if a.get(k, "<unset>") != b.get(k, "<unset>")]
+    return [
+        f"  {k}: checkpoint={a.get(k, '<unset>')!r}  now={b.get(k, '<unset>')!r}"
+        for k in keys
+        if a.get(k, "<unset>") != b.get(k, "<unset>")
+    ]
 
 
 def check_compatible(ckpt: Path, config: dict[str, Any], world_size: int, force: bool) -> None:
@@ -130,9 +155,12 @@ def check_compatible(ckpt: Path, config: dict[str, Any], world_size: int, force:
     diffs = config_differences(meta["config"], config)
     if diffs and not force:
         raise ConfigError(
-            f"checkpoint {ckpt} was written by a different configuration:\n" + "\n".join(diffs)
-            + "\nRun with the checkpoint's settings, or pass --resume force to load it anyway.")
+            f"checkpoint {ckpt} was written by a different configuration:\n"
+            + "\n".join(diffs)
+            + "\nRun with the checkpoint's settings, or pass --resume force to load it anyway."
+        )
     if meta.get("world_size") != world_size and not force:
         raise ConfigError(
             f"checkpoint {ckpt} was written by {meta.get('world_size')} processes, this run has {world_size}; "
-            "the data order would differ. Relaunch with the same number of processes or pass --resume force.")
+            "the data order would differ. Relaunch with the same number of processes or pass --resume force."
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fasttrain.distributed import sum_across_ranks
+from fasttrain.loop.distributed import sum_across_ranks
 
 
 @torch.no_grad()
