@@ -40,12 +40,17 @@ class DataSection:
     source: str = "cifar10"  # converted into `dir` when that has no .beton files yet
     dir: str | None = None  # default: data/<source name>, e.g. data/cifar10 or data/cifar10-jpeg
     subset: int | None = None  # first N images per split, stratified by class
-    mode: Literal["auto", "gpu", "ffcv"] = "auto"  # auto: device-resident on CUDA, ffcv streaming elsewhere
-    workers: int = 8
-    eval_batch_size: int = 1024
+    # resident: the data set held on the device, augmented there; stream: ffcv's Loader with CPU workers.
+    # auto: resident on CUDA, stream elsewhere. "gpu" and "ffcv" are the old names of resident and stream.
+    mode: Literal["auto", "resident", "stream", "gpu", "ffcv"] = "auto"
+    workers: int = 8  # ffcv's CPU threads; clamped to the CPUs this process may use
+    eval_batch_size: int = 1000
     flip: bool = True
+    flip_mode: Literal["random", "alternating"] = "random"  # alternating: airbench's, mirrored every other epoch
     translate: int = 2
+    translate_fill: Literal["zero", "mean", "reflect"] = "zero"
     cutout: int = 4
+    cutout_fill: Literal["zero", "mean"] = "zero"
 
 
 @dataclass
