@@ -1,18 +1,19 @@
 """Benchmarks of fasttrain's parts and of whole runs. Each sub-command prints ONE JSON object (one line) on stdout,
 with the environment it ran in; progress and library chatter go to stderr.
 
-    python -m fasttrain.bench loader   --data DIR --mode ffcv|gpu [--batch-size 512 --workers 8 --epochs 4]
-    python -m fasttrain.bench step     [--model resnet9 --batch-size 512 --precision bf16 --compile --steps 50]
-    python -m fasttrain.bench overhead [the options of step]
-    python -m fasttrain.bench e2e      --config resnet9 [--target-acc 0.91] [-- --data.dir DIR ...trainer options]
+    fasttrain bench loader   --data DIR [--mode both|resident|stream --batch-size 512 --workers 8 --epochs 4]
+    fasttrain bench step     [--model resnet9_ffcv --batch-size 512 --precision bf16 --compile --steps 50]
+    fasttrain bench overhead --data DIR [the options of step]
+    fasttrain bench e2e      --config resnet9 [--target-acc 0.91] [-- --data.dir DIR ...trainer options]
 
-loader: images/s of the training loader with training augmentations; the first epoch is warm-up (ffcv's numba JIT,
-the one-time read of mode "gpu" is `setup_s`), the figure is the median over the later epochs.
+loader: images/s of the training loader with training augmentations, for both data modes by default; the first epoch
+is warm-up (ffcv's numba JIT; the resident mode's one-time read is `setup_s`), the figure is the median over the
+later epochs.
 step: training images/s of a model on a fixed synthetic batch already on the device (forward, the trainer's loss,
 backward, SGD step): warm-up steps apart (they hold torch.compile's compilation), median over repeats.
-overhead: the same model and batch through fasttrain's loop (an Accelerator as the trainer makes it, and the trainer's
-own step methods) and through a bare PyTorch loop, repeats interleaved in one process; overhead is the median of the
-per-repeat relative differences in step time.
+overhead: fasttrain's step engine (through Accelerate, as the trainer builds it) against a bare PyTorch loop, both
+fed by the resident loader's augmented batches of DIR, repeats interleaved in one process; overhead is the median
+of the per-repeat relative differences in step time.
 e2e: the trainer end to end in a subprocess; reads its summary.json (time to target, accuracies, images/s, times).
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import socket
@@ -44,10 +44,11 @@ import fasttrain
 from fasttrain import models
 from fasttrain.config import Config, DataSection, TrainSection, coerce
 from fasttrain.errors import ConfigError, FasttrainError
+from fasttrain.files import dumps
+from fasttrain.loop.optim import build_optimizers, build_schedulers
+from fasttrain.loop.resolve import precision_for
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR10_TRAIN_IMAGES = 50_000  # one epoch, for the LR schedule of the overhead loop (its values do not matter)
-EXIT_BAD_INPUT = 2
 
 
 class BenchError(FasttrainError):
@@ -143,13 +144,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    if precision == "fp16" and device.type != "cuda":
-        raise BenchError(
-            "--precision fp16 needs a CUDA device (on a CPU autocast would silently run fp32); use bf16 or no"
-        )
-    return precision
+    """The trainer's rule (fasttrain.loop.resolve.precision_for), without a launcher."""
+    return precision_for(precision, device, launcher=None)
 
 
 def model_kwargs(name: str, pairs: Sequence[str]) -> dict[str, Any]:
@@ -183,21 +179,18 @@ def synthetic_batch(args: argparse.Namespace, device: torch.device) -> tuple[tor
 
 
 def bare_step(
-    forward: Callable,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    precision: str,
-    scheduler=None,
+    forward: Callable, optimizer: torch.optim.Optimizer, batches: Iterator, precision: str, scheduler=None
 ) -> Callable[[], None]:
-    """One plain PyTorch training step with the trainer's loss: torch.autocast, backward, optimizer step."""
-    device_type = images.device.type
+    """One plain PyTorch training step on the next batch, with the trainer's loss: torch.autocast, backward,
+    optimizer step, schedule step."""
+    device_type = "cuda" if torch.cuda.is_available() and precision != "no" else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
     smoothing = TrainSection().label_smoothing
 
     def step() -> None:
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+        images, labels = next(batches)
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(forward(images).float(), labels, label_smoothing=smoothing)
         if scaler is None:
             loss.backward()
@@ -211,6 +204,18 @@ def bare_step(
             scheduler.step()
 
     return step
+
+
+def repeat_batch(images: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same batch forever (bench step: the model alone, no data)."""
+    while True:
+        yield images, labels
+
+
+def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A training loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
 
 
 def maybe_compile(module: nn.Module, args: argparse.Namespace) -> Callable:
@@ -273,58 +278,49 @@ def _train_tflops(info: dict[str, Any], images_per_sec: float) -> float:
 def cmd_loader(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     from fasttrain.data.loaders import build_loaders
     from fasttrain.data.throughput import measure_loader
+    from fasttrain.loop.resolve import usable_cpus
 
     device = resolve_device(args.device)
     if args.epochs < 2:
         raise BenchError("--epochs must be >= 2: the first epoch is warm-up")
-    log(f"loader: mode {args.mode}, batch {args.batch_size}, {args.workers} workers, {args.epochs} epochs on {device}")
-    t0 = time.perf_counter()
-    train_loader, _ = build_loaders(
-        args.data,
-        mode=args.mode,
-        batch_size=args.batch_size,
-        eval_batch_size=1024,
-        workers=args.workers,
-        device=device,
-        flip=args.flip,
-        translate=args.translate,
-        cutout=args.cutout,
-        seed=args.seed,
-        channels_last=args.channels_last,
-    )
-    setup_s = time.perf_counter() - t0
-    measured = measure_loader(train_loader, epochs=args.epochs)
-    epoch_s, per_epoch = measured["epoch_s"], measured["images_per_epoch"]
-    rates = [per_epoch / s for s in epoch_s[1:]]
+    workers = min(args.workers, usable_cpus())
+    if workers < args.workers:
+        log(f"loader: --workers {args.workers} clamped to {workers}: this process may use {usable_cpus()} CPUs")
+    modes = ["stream", "resident"] if args.mode == "both" else [args.mode]
+    per_mode = {}
+    for mode in modes:
+        log(f"loader: mode {mode}, batch {args.batch_size}, {workers} workers, {args.epochs} epochs on {device}")
+        t0 = time.perf_counter()
+        train_loader, _ = build_loaders(
+            args.data, mode=mode, batch_size=args.batch_size, eval_batch_size=1000, workers=workers, device=device,
+            flip=args.flip, translate=args.translate, cutout=args.cutout, seed=args.seed,
+            channels_last=args.channels_last,
+        )  # fmt: skip
+        setup_s = time.perf_counter() - t0
+        measured = measure_loader(train_loader, epochs=args.epochs)
+        epoch_s, per_epoch = measured["epoch_s"], measured["images_per_epoch"]
+        rates = [per_epoch / s for s in epoch_s[1:]]
+        per_mode[mode] = {
+            "images_per_sec": median(rates), "images_per_sec_epochs": rates, "measured_epochs": len(rates),
+            "warmup_s": measured["warmup_s"], "epoch_s": epoch_s, "setup_s": setup_s,
+            "images_per_epoch": per_epoch, "batches_per_epoch": len(train_loader),
+            "dataset_size": train_loader.dataset_size,
+        }  # fmt: skip
+        log(
+            f"loader: {mode}: {median(rates):.0f} images/s (median of {len(rates)} epochs), "
+            f"warm-up {measured['warmup_s']:.1f} s, setup {setup_s:.1f} s"
+        )
+        del train_loader
     result = {
-        "command": "loader",
-        "env": environment(device),
-        "settings": {
-            "data": str(args.data),
-            "mode": args.mode,
-            "batch_size": args.batch_size,
-            "workers": args.workers,
-            "epochs": args.epochs,
-            "flip": args.flip,
-            "translate": args.translate,
-            "cutout": args.cutout,
-            "channels_last": args.channels_last,
-            "device": str(device),
-        },
-        "images_per_sec": median(rates),
-        "images_per_sec_epochs": rates,
-        "measured_epochs": len(rates),
-        "warmup_s": measured["warmup_s"],
-        "epoch_s": epoch_s,
-        "setup_s": setup_s,
-        "images_per_epoch": per_epoch,
-        "batches_per_epoch": len(train_loader),
-        "dataset_size": train_loader.dataset_size,
-    }
-    log(
-        f"loader: {result['images_per_sec']:.0f} images/s (median of {len(rates)} epochs), "
-        f"warm-up {result['warmup_s']:.1f} s, setup {setup_s:.1f} s"
-    )
+        "command": "loader", "env": environment(device),
+        "settings": {"data": str(args.data), "modes": modes, "batch_size": args.batch_size, "workers": workers,
+                     "workers_requested": args.workers, "epochs": args.epochs, "flip": args.flip,
+                     "translate": args.translate, "cutout": args.cutout, "channels_last": args.channels_last,
+                     "device": str(device)},
+        "modes": per_mode,
+    }  # fmt: skip
+    if len(modes) == 1:
+        result.update(per_mode[modes[0]])  # one mode: its figures at the top level too
     return result
 
 
@@ -334,7 +330,7 @@ def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     model, info = make_model(args, device)
     images, labels = synthetic_batch(args, device)
     optimizer = _optimizer(model, args)
-    step = bare_step(maybe_compile(model, args), optimizer, images, labels, args.precision)
+    step = bare_step(maybe_compile(model, args), optimizer, repeat_batch(images, labels), args.precision)
     log(
         f"step: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
         f"compile={args.compile} on {device}: {args.warmup_steps} warm-up steps, then {args.repeats} x {args.steps}"
@@ -366,61 +362,76 @@ def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     return result
 
 
-def _optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    from fasttrain.loop.optim import build_optimizer, scaled_lr
+def _train_section(args: argparse.Namespace) -> TrainSection:
+    return TrainSection(batch_size=args.batch_size)
 
-    t = TrainSection(batch_size=args.batch_size)
-    return build_optimizer(model, t, scaled_lr(t, args.batch_size))
+
+def _optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    t = _train_section(args)
+    (optimizer,) = build_optimizers(
+        model, t, {}, args.batch_size, fused=torch.device(model_device(model)).type == "cuda"
+    )
+    return optimizer
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
-    from fasttrain.loop.checkpoint import Progress
-    from fasttrain.loop.optim import build_scheduler
-    from fasttrain.train import Trainer, make_accelerator
+    from fasttrain.data.loaders import build_loaders
+    from fasttrain.loop.engine import StepEngine
+    from fasttrain.loop.resolve import make_accelerator
 
+    if args.data is None:
+        raise BenchError("overhead needs --data DIR (a converted data set): both loops train on its augmented batches")
     wanted = resolve_device(args.device)
     cfg = Config()
     cfg.train.mixed_precision = resolve_precision(args.precision, wanted)
-    accelerator = make_accelerator(cfg)
+    accelerator, _ = make_accelerator(cfg)
     device = accelerator.device
     if device.type != wanted.type:
         raise BenchError(f"overhead runs where the trainer would ({device}); --device {args.device} differs")
     _resolve_model_options(args, device)
-    cfg.train.batch_size, cfg.train.channels_last = args.batch_size, args.channels_last
-    cfg.train.compile, cfg.train.compile_mode = ("on" if args.compile else "off"), args.compile_mode
-    steps_per_epoch = max(1, CIFAR10_TRAIN_IMAGES // args.batch_size)
 
+    def loader():  # the trainer's resident loader with the default augmentation; the same seed in both loops
+        d = DataSection()
+        train, _ = build_loaders(
+            args.data, mode="resident", batch_size=args.batch_size, eval_batch_size=d.eval_batch_size, workers=1,
+            device=device, flip=d.flip, translate=d.translate, cutout=d.cutout, seed=args.seed,
+            channels_last=args.channels_last,
+        )  # fmt: skip
+        return train
+
+    bare_loader, loop_loader = loader(), loader()
+    steps_per_epoch = len(bare_loader)
+    t = _train_section(args)
     bare_model, info = make_model(args, device)
     loop_model = copy.deepcopy(bare_model)  # the same initial weights in both loops
-    images, labels = synthetic_batch(args, device)
 
-    # The trainer's own per-step methods on a Trainer without data, run directory or W&B.
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.acc = cfg, accelerator
-    optimizer = _optimizer(loop_model, args)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
-    trainer.model, trainer.optimizer, trainer.scheduler = accelerator.prepare(loop_model, optimizer, scheduler)
-    trainer.train_forward = maybe_compile(trainer.model, args)
-    trainer.progress, trainer.lr_peak, trainer.ckpt_root = Progress(), optimizer.param_groups[0]["lr"], Path(".")
-    trainer.pending_loss = None
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    optimizers = build_optimizers(loop_model, t, {}, args.batch_size, fused=device.type == "cuda")
+    schedulers = build_schedulers(optimizers, t, {}, steps_per_epoch)
+    prepared_model, *prepared = accelerator.prepare(loop_model, *optimizers, *schedulers)
+    engine = StepEngine(
+        prepared_model, prepared[:1], prepared[1:], accelerator, forward=maybe_compile(prepared_model, args),
+        label_smoothing=t.label_smoothing,
+    )  # fmt: skip
+    loop_batches = endless(loop_loader)
 
     def fasttrain_step() -> None:
-        # The body of Trainer.run_epoch for one batch, minus logging and signals.
-        nonlocal sums
-        sums += trainer.optimizer_step(images, labels)
+        engine.step(*next(loop_batches))
 
     bare_optimizer = _optimizer(bare_model, args)
-    bare_scheduler = build_scheduler(bare_optimizer, cfg.train, steps_per_epoch)
+    (bare_scheduler,) = build_schedulers([bare_optimizer], t, {}, steps_per_epoch)
     loops = {
         "fasttrain": fasttrain_step,
         "bare": bare_step(
-            maybe_compile(bare_model, args), bare_optimizer, images, labels, args.precision, bare_scheduler
+            maybe_compile(bare_model, args), bare_optimizer, endless(bare_loader), args.precision, bare_scheduler
         ),
     }
     log(
         f"overhead: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
-        f"compile={args.compile} on {device}, accelerate {accelerator.distributed_type.value}: "
+        f"compile={args.compile} on {device}, accelerate {accelerator.distributed_type.value}, data {args.data}: "
         f"{args.repeats} interleaved repeats x {args.steps} steps per loop"
     )
     warmup_s = {name: warm_up(step, args, device) for name, step in loops.items()}
@@ -429,12 +440,13 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         order = list(loops) if r % 2 == 0 else list(loops)[::-1]  # alternate, so a drift hits both loops alike
         for name in order:
             seconds[name].append(time_steps(loops[name], args.steps, device))
+        engine.take_window()  # what the trainer reads at a log step
     rates = {name: throughput(s, args) for name, s in seconds.items()}
     paired = [100 * (f / b - 1) for f, b in zip(seconds["fasttrain"], seconds["bare"])]
     result = {
         "command": "overhead",
         "env": environment(device),
-        "settings": _model_settings(args, device),
+        "settings": {**_model_settings(args, device), "data": str(args.data)},
         **info,
         "accelerator": {
             "mixed_precision": accelerator.mixed_precision,
@@ -452,9 +464,9 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
             name: compile_seconds(warmup_s[name], median(seconds[name]) / args.steps, args) for name in loops
         },
         "warmup_s": warmup_s,
-        "fasttrain_loop": "Trainer.optimizer_step (accelerator.autocast, accelerator.backward, optimizer step, "
-        "previous step's finiteness check, scheduler.step) and the epoch sums",
-        "bare_loop": "torch.autocast, loss.backward, optimizer.step, zero_grad, scheduler.step",
+        "fasttrain_loop": "StepEngine.step through Accelerate (autocast, backward, optimizer and schedule steps, "
+        "device-side statistics) on the resident loader's augmented batches",
+        "bare_loop": "torch.autocast, loss.backward, optimizer.step, zero_grad, scheduler.step on the same batches",
     }
     log(
         f"overhead: fasttrain {result['fasttrain_images_per_sec']:.0f} vs bare {result['bare_images_per_sec']:.0f} "
@@ -529,15 +541,19 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         "world_size",
         "batch_size_global",
         "mixed_precision",
-        "compiled",
+        "compile",
         "data_mode",
-        "device",
+        "device_name",
+        "tta_level",
+        "total_time_s",
+        "data_init_s",
+        "final_eval_s",
         "model",
         "params",
     )
     result = {
         "command": "e2e",
-        "env": {**environment(resolve_device(None), summary.get("world_size") or 1), "device": summary.get("device")},
+        "env": {**environment(resolve_device(None), summary.get("world_size") or 1), "device": summary.get("device_name")},
         "settings": {
             "config": args.config,
             "target_acc": args.target_acc,
@@ -572,7 +588,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], dict[str, Any]]] =
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fasttrain-bench",
+        prog="fasttrain bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
@@ -583,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     loader = sub.add_parser("loader", help="images/s of the training loader")
     loader.add_argument("--data", required=True, help="a converted data directory (train.beton, test.beton)")
-    loader.add_argument("--mode", choices=["ffcv", "gpu"], default="ffcv")
+    loader.add_argument(
+        "--mode", choices=["both", "resident", "stream", "gpu", "ffcv"], default="both", help="gpu, ffcv: old names"
+    )
     loader.add_argument("--batch-size", type=int, default=512)
     loader.add_argument("--workers", type=int, default=data_defaults.workers)
     loader.add_argument("--epochs", type=int, default=4, help="including the first, warm-up epoch (>= 2)")
@@ -597,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("overhead", "fasttrain's loop (Accelerate) vs a bare PyTorch loop"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--model", default="resnet9", choices=models.names())
+        p.add_argument("--model", default="resnet9_ffcv", choices=models.names())
         p.add_argument(
             "--model-arg",
             action="append",
@@ -619,12 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
             default="default",
             choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         )
+        if name == "overhead":
+            p.add_argument("--data", default=None, help="a converted data directory: both loops train on it")
         p.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
         p.add_argument("--repeats", type=int, default=5)
         p.add_argument("--warmup-steps", type=int, default=3)
 
     e2e = sub.add_parser("e2e", help="the trainer end to end; trainer options after --")
-    e2e.add_argument("--config", default="resnet9", help="a recipe name from launch/ or a YAML file")
+    e2e.add_argument("--config", default="resnet9", help="a shipped recipe name or a YAML file")
     e2e.add_argument("--target-acc", type=float, default=None, help="stop at this validation accuracy (0..1)")
     e2e.add_argument("--launcher", choices=["python", "accelerate"], default="python")
     e2e.add_argument("--num-processes", type=int, default=1)
@@ -636,17 +656,6 @@ def build_parser() -> argparse.ArgumentParser:
         if p is not e2e:
             p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     return parser
-
-
-def _json_ready(value: Any) -> Any:
-    """Non-finite floats become null: the output must stay valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 @contextmanager
@@ -678,9 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         with stdout_to_stderr():
             result = COMMANDS[args.command](args, extra)
     except FasttrainError as e:
-        print(f"fasttrain-bench: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    print(json.dumps(_json_ready(result), allow_nan=False), flush=True)
+        print(f"fasttrain bench: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    print(dumps(result), flush=True)
     if args.command == "e2e" and result.get("process_exit_code"):
         return 1
     return 0

@@ -27,75 +27,113 @@ import yaml
 from fasttrain.errors import ConfigError
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its one-line description (shown by --help)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RunSection:
-    name: str = "resnet9"
-    dir: str | None = None  # default: runs/<name>-<UTC timestamp>
-    seed: int = 0
-    resume: str = "no"  # no | auto | force | <checkpoint dir>
+    name: str = opt("resnet9", "run name: run directories are runs/<name>-<UTC time>")
+    dir: str | None = opt(None, "run directory (default runs/<name>-<UTC time>)")
+    seed: int = opt(0, "seed of weights, data order and augmentation (the same on every rank)")
+    resume: str = opt("no", "no | auto (newest valid checkpoint of run.dir) | force (ignore config changes) | DIR")
+    repeats: int = opt(1, "train this many runs with seeds seed, seed+1, ...; report mean and std (compile once)")
 
 
 @dataclass
 class DataSection:
-    source: str = "cifar10"  # converted into `dir` when that has no .beton files yet
-    dir: str | None = None  # default: data/<source name>, e.g. data/cifar10 or data/cifar10-jpeg
-    subset: int | None = None  # first N images per split, stratified by class
-    # resident: the data set held on the device, augmented there; stream: ffcv's Loader with CPU workers.
-    # auto: resident on CUDA, stream elsewhere. "gpu" and "ffcv" are the old names of resident and stream.
-    mode: Literal["auto", "resident", "stream", "gpu", "ffcv"] = "auto"
-    workers: int = 8  # ffcv's CPU threads; clamped to the CPUs this process may use
-    eval_batch_size: int = 1000
-    flip: bool = True
-    flip_mode: Literal["random", "alternating"] = "random"  # alternating: airbench's, mirrored every other epoch
-    translate: int = 2
-    translate_fill: Literal["zero", "mean", "reflect"] = "zero"
-    cutout: int = 4
-    cutout_fill: Literal["zero", "mean"] = "zero"
+    source: str = opt("cifar10", "where CIFAR-10 comes from; converted into data.dir once")
+    dir: str | None = opt(None, "converted data directory (default data/<source name>)")
+    subset: int | None = opt(None, "keep the first N images of each split, stratified by class")
+    mode: Literal["auto", "resident", "stream", "gpu", "ffcv"] = opt(
+        "auto", "resident: data set on the device | stream: ffcv Loader | auto: resident on CUDA (gpu, ffcv: old names)"
+    )
+    workers: int = opt(8, "ffcv CPU threads; clamped to the CPUs this process may use")
+    eval_batch_size: int = opt(1000, "evaluation batch per process (the last batch is padded: one shape)")
+    flip: bool = opt(True, "mirror training images left-right")
+    flip_mode: Literal["random", "alternating"] = opt(
+        "random", "random: p=0.5 each time | alternating: airbench's, each image mirrored every other epoch"
+    )
+    translate: int = opt(2, "shift training images by up to N pixels per axis (0: off)")
+    translate_fill: Literal["zero", "mean", "reflect"] = opt("zero", "what fills the uncovered border")
+    cutout: int = opt(4, "erase one N x N square per training image (0: off)")
+    cutout_fill: Literal["zero", "mean"] = opt("zero", "what fills the erased square")
 
 
 @dataclass
 class TrainSection:
-    epochs: int = 24
-    batch_size: int = 512  # global: split evenly across processes
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.5  # peak learning rate at lr_ref_batch ...
-    lr_ref_batch: int = 512  # ... scaled to the global batch by lr_scaling
-    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
-    schedule: Literal["triangular", "cosine", "constant"] = "triangular"
-    lr_peak_epoch: float = 5.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    wd_on_bn_and_bias: bool = False
-    label_smoothing: float = 0.1
-    grad_clip: float | None = None
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    channels_last: bool = True
-    compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    tta: bool = True
-    target_acc: float | None = None  # stop once validation accuracy reaches this (0..1)
-    eval_every: int = 1  # epochs
-    log_every: int = 50  # optimizer steps
-    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss: stop, or skip the step (up to max_skips)
-    max_skips: int = 20
+    epochs: int = opt(24, "training epochs")
+    batch_size: int = opt(512, "global batch, split evenly across processes")
+    optimizer: Literal["sgd", "adamw", "muon"] = opt("sgd", "optimiser of every parameter not in a param_groups entry")
+    lr: float = opt(0.5, "peak learning rate at lr_ref_batch ...")
+    lr_ref_batch: int = opt(512, "... scaled to the global batch by lr_scaling")
+    lr_scaling: Literal["none", "linear", "sqrt"] = opt("linear", "how the peak LR follows the global batch")
+    schedule: Literal["triangular", "cosine", "constant"] = opt(
+        "triangular", "LR shape: linear warm-up to lr_peak_epoch, then linear (triangular) or cosine decay to 0"
+    )
+    lr_peak_epoch: float = opt(5.0, "epoch at which the LR peaks (0: start at the peak)")
+    momentum: float = opt(0.9, "SGD/Muon momentum, AdamW beta1")
+    nesterov: bool = opt(False, "Nesterov momentum (sgd, muon)")
+    weight_decay: float = opt(5e-4, "L2 weight decay (coupled, as torch's SGD)")
+    wd_on_bn_and_bias: bool = opt(False, "also decay BatchNorm parameters and biases")
+    label_smoothing: float = opt(0.1, "label smoothing of the training loss")
+    loss_reduction: Literal["mean", "sum"] = opt("mean", "training loss over the batch: mean, or sum (airbench)")
+    grad_clip: float | None = opt(None, "clip the gradient norm to this")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
+        "auto", "auto: the launcher's --mixed_precision if fp16/bf16, else bf16 on CUDA and fp32 on CPU"
+    )
+    channels_last: bool = opt(True, "channels-last memory format for model and images")
+    compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile the model (auto: on CUDA)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = opt(
+        "default", "torch.compile mode"
+    )
+    tta_level: int = opt(1, "final evaluation: 0 plain, 1 + mirror, 2 + mirror and one-pixel shifts")
+    target_acc: float | None = opt(None, "stop at the first evaluation reaching this accuracy (0..1)")
+    eval_every: int = opt(1, "evaluate every N epochs (and after the last)")
+    log_every: int = opt(50, "optimizer steps between metrics rows (the only host syncs of the loop)")
+    nonfinite: Literal["stop", "skip"] = opt(
+        "stop", "on a NaN/Inf loss: stop (exit 3) or skip the step (syncs every step) up to max_skips"
+    )
+    max_skips: int = opt(20, "non-finite steps skipped before giving up")
+
+
+@dataclass
+class ParamGroup:
+    """One entry of `param_groups`: parameters chosen by name patterns, with their own optimiser settings.
+    Unset (None) settings take the `train` section's value."""
+
+    params: tuple[str, ...] = opt((), "fnmatch patterns on model.named_parameters() names, e.g. *conv*.weight")
+    optimizer: Literal["sgd", "adamw", "muon"] | None = opt(None, "this group's optimiser")
+    lr: float | None = opt(None, "peak LR at train.lr_ref_batch, scaled as train.lr is")
+    momentum: float | None = opt(None, "momentum (AdamW: beta1)")
+    nesterov: bool | None = opt(None, "Nesterov momentum")
+    weight_decay: float | None = opt(None, "weight decay")
+    schedule: Literal["triangular", "cosine", "constant"] | None = opt(None, "LR shape")
+    lr_peak_epoch: float | None = opt(None, "epoch of the LR peak")
+    end_epoch: float | None = opt(None, "the schedule ends here: LR 0 from then on (parameters frozen)")
 
 
 @dataclass
 class CheckpointSection:
-    every: int = 1  # epochs; 0 disables periodic checkpoints
-    keep: int = 2
+    every: int = opt(1, "checkpoint every N epochs; 0: only at the end")
+    final: bool = opt(True, "checkpoint at the end of training")
+    keep: int = opt(2, "valid checkpoints kept (older ones are deleted)")
 
 
 @dataclass
 class WandbSection:
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online if logged in, else offline
-    project: str = "fasttrain"
-    entity: str | None = None
-    name: str | None = None
-    tags: tuple[str, ...] = ()
-    group: str | None = None
-    job_type: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = opt(
+        "auto", "auto: WANDB_MODE if set, else online when logged in, else offline"
+    )
+    project: str | None = opt(None, "W&B project (default: WANDB_PROJECT, else fasttrain)")
+    entity: str | None = opt(None, "W&B entity (default: WANDB_ENTITY)")
+    name: str | None = opt(None, "W&B run name (default: WANDB_NAME, else the run directory's name)")
+    tags: tuple[str, ...] = opt((), "comma-separated W&B tags (default: WANDB_TAGS)")
+    group: str | None = opt(None, "W&B group (default: WANDB_RUN_GROUP)")
+    job_type: str | None = opt(None, "W&B job type (default: WANDB_JOB_TYPE)")
 
 
 SECTIONS: dict[str, type] = {
@@ -105,6 +143,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointSection,
     "wandb": WandbSection,
 }
+MODE_ALIASES = {"gpu": "resident", "ffcv": "stream"}
 
 
 @dataclass
@@ -113,12 +152,14 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     model: dict[str, Any] = field(default_factory=lambda: {"name": "resnet9"})
     train: TrainSection = field(default_factory=TrainSection)
+    param_groups: dict[str, ParamGroup] = field(default_factory=dict)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     wandb: WandbSection = field(default_factory=WandbSection)
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["model"] = dict(self.model)
+        out["param_groups"] = {name: dataclasses.asdict(group) for name, group in self.param_groups.items()}
         return {k: _plain(v) for k, v in out.items()}
 
 
@@ -212,12 +253,33 @@ def _section_fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _set_group(cfg: Config, key: str, value: Any) -> None:
+    """`param_groups.NAME.FIELD`, or `param_groups.NAME` with a mapping of fields (YAML)."""
+    name, _, field_name = key.partition(".")
+    if not name:
+        raise ConfigError("param_groups: a group needs a name, e.g. --param_groups.head.lr 0.5")
+    group = cfg.param_groups.setdefault(name, ParamGroup())
+    if not field_name:
+        if not isinstance(value, dict):
+            raise ConfigError(f"param_groups.{name}: expected a mapping of settings (params:, lr:, ...)")
+        for sub_key, sub_value in value.items():
+            _set_group(cfg, f"{name}.{sub_key}", sub_value)
+        return
+    types_ = _section_fields(ParamGroup)
+    if field_name not in types_:
+        raise _unknown_key(f"param_groups.{name}", field_name, list(types_))
+    setattr(group, field_name, coerce(f"param_groups.{key}", value, types_[field_name]))
+
+
 def _set(cfg: Config, section: str, key: str, value: Any) -> None:
     if section == "model":
         cfg.model[key] = value  # checked against the model's signature in _check_model
         return
+    if section == "param_groups":
+        _set_group(cfg, key, value)
+        return
     if section not in SECTIONS:
-        valid = [*SECTIONS, "model"]
+        valid = [*SECTIONS, "model", "param_groups"]
         close = difflib.get_close_matches(section, valid, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown section '{section}' in '{section}.{key}'.{hint} Valid sections: {', '.join(valid)}")
@@ -298,6 +360,7 @@ def build_config(config_path: str | None, overrides: list[tuple[str, str, str]] 
         if section == "model" and key == "name" and value != cfg.model.get("name"):
             cfg.model = {}  # a different model: the recipe's arguments were for the old one
         _set(cfg, section, key, value)
+    cfg.data.mode = MODE_ALIASES.get(cfg.data.mode, cfg.data.mode)
     _check_model(cfg)
     validate(cfg)
     return cfg
@@ -323,7 +386,10 @@ def _check_model(cfg: Config) -> None:
     import torch
 
     with torch.device("meta"):  # the constructor's own value checks (e.g. dropout < 1), without allocating
-        models.create(name, **{k: v for k, v in checked.items() if k != "name"})
+        model = models.create(name, **{k: v for k, v in checked.items() if k != "name"})
+    from fasttrain.loop.optim import assign_params
+
+    assign_params(model, cfg.param_groups)  # every pattern matches, no parameter in two groups
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -350,13 +416,22 @@ def validate(cfg: Config) -> None:
         "train.target_acc",
         f"is a fraction in (0, 1], e.g. 0.94, got {t.target_acc}",
     )
-    _require(t.nesterov is False or t.optimizer == "sgd", "train.nesterov", "applies to optimizer sgd only")
+    _require(t.nesterov is False or t.optimizer != "adamw", "train.nesterov", "applies to sgd and muon only")
+    _require(0 <= t.tta_level <= 2, "train.tta_level", f"is 0, 1 or 2, got {t.tta_level}")
+    _require(cfg.run.repeats >= 1, "run.repeats", f"must be >= 1, got {cfg.run.repeats}")
+    for name, group in cfg.param_groups.items():
+        key = f"param_groups.{name}"
+        _require(bool(group.params), f"{key}.params", "needs at least one name pattern, e.g. ['*conv*.weight']")
+        _require(group.lr is None or group.lr >= 0, f"{key}.lr", f"must be >= 0, got {group.lr}")
+        _require(group.weight_decay is None or group.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _require(group.momentum is None or 0 <= group.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
+        _require(group.end_epoch is None or group.end_epoch > 0, f"{key}.end_epoch", "must be > 0")
     _require(d.workers >= 1, "data.workers", f"must be >= 1, got {d.workers}")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
     _require(0 <= d.translate <= 8, "data.translate", f"must be in [0, 8] pixels, got {d.translate}")
     _require(0 <= d.cutout <= 32, "data.cutout", f"must be in [0, 32] pixels, got {d.cutout}")
     _require(d.subset is None or d.subset >= 10, "data.subset", f"must be >= 10 (one image per class), got {d.subset}")
-    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 disables)")
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     resume = cfg.run.resume
     _require(
@@ -374,12 +449,11 @@ def load_config(argv: list[str], default_recipe: str | None = None) -> Config:
 
 def help_text() -> str:
     lines = ["Options (--section.key value); defaults shown are the resnet9 recipe's:"]
-    for name, cls in SECTIONS.items():
+    for name, cls in [*SECTIONS.items(), ("param_groups.NAME", ParamGroup)]:
         defaults = cls()
-        for key, annotation in _section_fields(cls).items():
-            type_name = str(annotation).replace("typing.", "")
-            lines.append(f"  --{name}.{key:<20} {getattr(defaults, key)!r:<14} {type_name}")
-    lines.append("  --model.name NAME  and that model's own arguments (see fasttrain.models.describe)")
-    lines.append("  --config RECIPE    a YAML file or a shipped recipe: " + ", ".join(recipe_names()))
-    lines.append("  --resume auto|force|DIR   continue from the newest checkpoint")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  --{name}.{f.name:<18} {getattr(defaults, f.name)!r:<12} {f.metadata.get('help', '')}")
+    lines.append("  --model.name NAME          and that model's own arguments (see fasttrain.models.describe)")
+    lines.append("  --config RECIPE            a YAML file or a shipped recipe: " + ", ".join(recipe_names()))
+    lines.append("  --resume auto|force|DIR    short for --run.resume")
     return "\n".join(lines)

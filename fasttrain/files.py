@@ -1,9 +1,58 @@
-"""Durable, all-or-nothing file writes: what every writer in fasttrain (data, checkpoints, metrics) relies on."""
+"""Durable, all-or-nothing file writes, and the one JSON policy every fasttrain file follows.
 
+JSON: non-finite floats are written as the strings "NaN", "Infinity" and "-Infinity" (the spelling wandb uses), so
+every file is strict JSON that any tool can parse and a diverged loss is not confused with a missing value;
+`from_json_safe` turns them back into floats. Numpy and torch scalars are written as plain numbers, paths as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+_NON_FINITE_TO_TEXT = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_TEXT_TO_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def to_json_safe(value: Any) -> Any:
+    """`value` with non-finite floats spelled as strings and array/tensor scalars unwrapped."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        return _NON_FINITE_TO_TEXT.get(value, value)
+    if isinstance(value, dict):
+        return {str(key): to_json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(item) for item in value]
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return to_json_safe(value.item())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write {type(value).__name__} value {value!r} as JSON")
+
+
+def from_json_safe(value: Any) -> Any:
+    """The inverse of `to_json_safe` for what JSON parsing returns."""
+    if isinstance(value, str):
+        return _TEXT_TO_NON_FINITE.get(value, value)
+    if isinstance(value, dict):
+        return {key: from_json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_json_safe(item) for item in value]
+    return value
+
+
+def dumps(value: Any, indent: int | None = None) -> str:
+    """Strict JSON text of `value` under the policy above."""
+    separators = None if indent else (",", ":")
+    return json.dumps(to_json_safe(value), allow_nan=False, indent=indent, separators=separators)
 
 
 def fsync_path(path: Path) -> None:
@@ -25,8 +74,8 @@ def fsync_tree(path: Path) -> None:
 
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; once the block has written it, move it over `path`, so readers (and a
-    crash) see either the old or the new content, never half.
+    """Yield a temporary path beside `path`; once the block has written it, fsync it and move it over `path`, so
+    readers (and a crash) see either the old or the new content, never half.
 
     The temporary file is created normally (not with mkstemp's 0600), so the result gets the usual permissions.
     """
@@ -35,6 +84,19 @@ def replacing(path: Path) -> Iterator[Path]:
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temp
+        if temp.exists():
+            fsync_path(temp)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` durably and all at once."""
+    with replacing(path) as temp:
+        temp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, value: Any, indent: int = 1) -> None:
+    """Write `value` as strict JSON (see the module docstring) to `path`, durably and all at once."""
+    write_text(path, dumps(value, indent=indent) + "\n")

@@ -5,7 +5,7 @@ import pytest
 from fasttrain import models
 from fasttrain.config import build_config, coerce, load_config, recipe_names
 from fasttrain.errors import ConfigError
-from fasttrain.loop.optim import lr_factor, param_groups, scaled_lr
+from fasttrain.loop.optim import assign_params, lr_factor, scaled_lr
 
 
 @pytest.mark.parametrize("recipe", recipe_names())
@@ -21,7 +21,7 @@ def test_overrides_take_types_from_sections_and_model_signature():
             "resnet9",
             "--train.lr",
             "0.3",
-            "--train.tta=false",
+            "--train.tta_level=2",
             "--model.name",
             "deepcnn",
             "--model.widths",
@@ -38,7 +38,7 @@ def test_overrides_take_types_from_sections_and_model_signature():
             "auto",
         ]
     )
-    assert cfg.train.lr == 0.3 and cfg.train.tta is False
+    assert cfg.train.lr == 0.3 and cfg.train.tta_level == 2
     assert cfg.model == {"name": "deepcnn", "widths": (16, 32), "blocks": (1, 1), "dropout": 0.1, "block": "skip"}
     assert cfg.data.subset is None and cfg.run.resume == "auto"
 
@@ -62,7 +62,11 @@ def test_recipe_values_are_overridden_by_command_line(tmp_path):
         (["--model.name", "resnet50"], ["model.name", "resnet9", "deepcnn"]),
         (["--model.name", "deepcnn", "--model.dropout", "1.0"], ["dropout"]),
         (["--model.name", "deepcnn", "--model.depth", "3"], ["model.depth", "widths"]),
-        (["--train.tta", "maybe"], ["train.tta", "true or false"]),
+        (["--train.channels_last", "maybe"], ["train.channels_last", "true or false"]),
+        (["--train.tta_level", "3"], ["train.tta_level", "0, 1 or 2"]),
+        (["--param_groups.head.lr", "0.1"], ["param_groups.head.params", "pattern"]),
+        (["--param_groups.head.params", "nothing*"], ["param_groups.head", "nothing*", "matches no"]),
+        (["--param_groups.head.nonsense", "1"], ["param_groups.head.nonsense", "Valid keys"]),
         (["--config", "nonexistent"], ["nonexistent", "resnet9"]),
         (["--train.lr"], ["--train.lr needs a value"]),
         (["epochs=3"], ["unexpected argument"]),
@@ -118,7 +122,27 @@ def test_triangular_schedule_peaks_then_reaches_zero():
 
 
 def test_no_weight_decay_on_batchnorm_and_bias():
+    from fasttrain.config import TrainSection
+    from fasttrain.loop.optim import build_optimizers
+
     model = models.create("deepcnn", widths=(8, 16), blocks=(1, 1))
-    decay, no_decay = param_groups(model, 5e-4, wd_on_bn_and_bias=False)
+    (optimizer,) = build_optimizers(model, TrainSection(), {}, 512)
+    decay, no_decay = optimizer.param_groups
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
+
+
+def test_param_groups_from_yaml_take_their_parameters_by_pattern(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model:\n  name: deepcnn\n  widths: [8, 16]\n  blocks: [1, 1]\n"
+        "param_groups:\n  head:\n    params: ['head.*']\n    lr: 0.05\n    end_epoch: 2\n"
+    )
+    cfg = load_config(["--config", str(recipe), "--param_groups.head.optimizer", "adamw"])
+    group = cfg.param_groups["head"]
+    assert (group.params, group.lr, group.end_epoch, group.optimizer) == (("head.*",), 0.05, 2.0, "adamw")
+    model = models.create("deepcnn", widths=(8, 16), blocks=(1, 1))
+    assigned = assign_params(model, cfg.param_groups)
+    assert [n for n, _ in assigned["head"]] == [n for n, _ in model.named_parameters() if n.startswith("head.")]
+    assert not any(n.startswith("head.") for n, _ in assigned["default"])
+    assert cfg.to_dict()["param_groups"]["head"]["lr"] == 0.05

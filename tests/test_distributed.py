@@ -1,43 +1,14 @@
 """Scale-out, proven with real processes: `accelerate launch` with 2 CPU processes on gloo."""
 
 import json
-import os
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import TINY, launch, read_jsonl
 from safetensors.torch import load_file
-from test_train import ACCELERATE, TINY, TRAIN, env_for_tests, read_jsonl
 
 pytestmark = pytest.mark.slow
-
-CPU_2PROC = REPO / "launch" / "accelerate" / "cpu_2proc.yaml"
-
-
-def launch(args, cwd: Path, *, processes: int, env_extra=None, timeout=600):
-    """`accelerate launch` of the trainer with `processes` CPU processes; returns (CompletedProcess, seconds)."""
-    env = {**env_for_tests(cwd), "ACCELERATE_USE_CPU": "1", **(env_extra or {})}
-    if processes == 1:
-        launcher = [str(ACCELERATE), "launch", "--num_processes", "1", "--cpu"]
-    else:
-        launcher = [
-            str(ACCELERATE),
-            "launch",
-            "--config_file",
-            str(CPU_2PROC),
-            "--num_processes",
-            str(processes),
-            "--main_process_port",
-            str(29500 + os.getpid() % 1000),
-        ]
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [*launcher, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    return proc, time.perf_counter() - t0
 
 
 @pytest.fixture

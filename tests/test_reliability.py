@@ -4,7 +4,6 @@ Real processes and files throughout: `kill -9`, SIGINT, a truncated .beton, a fi
 FASTTRAIN_INJECT_FAULT (fasttrain/distributed.py) only picks the moment: the kill itself is a real SIGKILL.
 """
 
-import hashlib
 import json
 import os
 import resource
@@ -16,30 +15,27 @@ import time
 from pathlib import Path
 
 import pytest
-from test_distributed import launch
-from test_train import TINY, TRAIN, checkpoint_steps, env_for_tests, read_jsonl, run_train
+from helpers import (
+    ACCELERATE,
+    CPU_2PROC,
+    FAST,
+    TINY,
+    TRAIN,
+    checkpoint_steps,
+    env_for_tests,
+    launch,
+    read_jsonl,
+    run_train,
+    start_train,
+    tree_digest,
+)
 
 pytestmark = pytest.mark.slow
-
-FAST = [*TINY, "--data.mode", "gpu", "--wandb.mode", "disabled"]  # 10 steps per epoch on the 1,000-image slice
 
 
 @pytest.fixture
 def data_dir(cifar_slice_dir):
     return cifar_slice_dir
-
-
-def start(args, cwd, env_extra=None, **kwargs):
-    env = {**env_for_tests(cwd), **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, str(TRAIN), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
 
 
 def wait_for_step(run_dir: Path, step: int, proc, timeout=300) -> None:
@@ -54,17 +50,10 @@ def wait_for_step(run_dir: Path, step: int, proc, timeout=300) -> None:
     raise AssertionError(f"step {step} never logged")
 
 
-def tree_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f.name.encode() + f.read_bytes())
-    return digest.hexdigest()
-
-
 def test_kill_9_mid_epoch_then_resume_loses_at_most_an_epoch(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     args = [*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)]
-    proc = start(args, tmp_path)
+    proc = start_train(args, tmp_path)
     wait_for_step(run_dir, 16, proc)  # epoch 2 under way, its checkpoint not yet written
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -86,7 +75,7 @@ def test_kill_9_mid_epoch_then_resume_loses_at_most_an_epoch(tmp_path, data_dir)
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     args = [*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)]
-    proc = start(args, tmp_path, env_extra={"FASTTRAIN_INJECT_FAULT": "at=checkpoint,step=20,action=kill"})
+    proc = start_train(args, tmp_path, env_extra={"FASTTRAIN_INJECT_FAULT": "at=checkpoint,step=20,action=kill"})
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     ckpts = run_dir / "checkpoints"
@@ -104,7 +93,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, data_
 
 def test_sigint_writes_a_checkpoint_and_says_interrupted(tmp_path, data_dir):
     run_dir = tmp_path / "r"
-    proc = start([*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)], tmp_path)
+    proc = start_train([*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)], tmp_path)
     wait_for_step(run_dir, 14, proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
@@ -234,7 +223,7 @@ def test_disk_full_at_save_time_keeps_the_previous_checkpoint(tmp_path, data_dir
         "--run.dir",
         str(run_dir),
     ]
-    proc = start(args, tmp_path)
+    proc = start_train(args, tmp_path)
     wait_for_step(run_dir, 12, proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
@@ -245,7 +234,7 @@ def test_disk_full_at_save_time_keeps_the_previous_checkpoint(tmp_path, data_dir
     def small_disk():  # no file may grow past half the model's size: the next model file cannot be written
         resource.setrlimit(resource.RLIMIT_FSIZE, (model_bytes // 2, model_bytes // 2))
 
-    proc = start([*args, "--resume", "auto"], tmp_path, preexec_fn=small_disk)
+    proc = start_train([*args, "--resume", "auto"], tmp_path, preexec_fn=small_disk)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-3000:]
     assert "could not write checkpoint" in out and f"previous checkpoint {previous} is intact" in out
@@ -308,7 +297,6 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_a_minute(tmp_path, data_
 
     run_dir = tmp_path / "r"
     env = {**env_for_tests(tmp_path), "ACCELERATE_USE_CPU": "1"}
-    from test_distributed import ACCELERATE, CPU_2PROC
 
     cmd = [
         str(ACCELERATE),

@@ -2,46 +2,14 @@
 offline files, real checkpoints."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import ACCELERATE, TINY, TRAIN, WANDB, checkpoint_steps, env_for_tests, read_jsonl, run_train
 
-TRAIN = REPO / "fasttrain" / "train.py"
-ACCELERATE = Path(sys.executable).with_name("accelerate")
-WANDB = Path(sys.executable).with_name("wandb")
-
-TINY = [
-    "--model.name",
-    "deepcnn",
-    "--model.widths",
-    "8,16",
-    "--model.blocks",
-    "1,1",
-    "--train.batch_size",
-    "100",
-    "--train.lr",
-    "0.2",
-    "--train.lr_ref_batch",
-    "100",
-    "--train.lr_peak_epoch",
-    "1",
-    "--train.log_every",
-    "2",
-    "--data.workers",
-    "1",
-    "--data.eval_batch_size",
-    "250",
-    "--train.mixed_precision",
-    "no",
-    "--train.compile",
-    "off",
-]
 STEP_KEYS = {
     "epoch",
     "step",
@@ -73,32 +41,9 @@ SUMMARY_KEYS = {
 }
 
 
-def env_for_tests(tmp_path: Path) -> dict:
-    env = {**os.environ, "HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
-    env.pop("WANDB_API_KEY", None)
-    env.pop("WANDB_MODE", None)
-    return env
-
-
-def run_train(args, tmp_path, *, launcher=None, timeout=600, check=True):
-    cmd = [*(launcher or [sys.executable]), str(TRAIN), *args]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env_for_tests(tmp_path), capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-        )
-    return proc
-
-
 @pytest.fixture
 def data_dir(cifar_slice_dir):
     return cifar_slice_dir
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -232,10 +177,6 @@ def test_interrupted_run_resumes_to_the_same_steps_and_schedule(tmp_path, data_d
     assert lr_resumed == pytest.approx(lr_reference)
     steps = [r["step"] for r in read_jsonl(metrics) if r["kind"] == "step"]
     assert steps == sorted(steps) and len(steps) == len(set(steps)), "metrics.jsonl continued, not duplicated"
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(json.loads((c / "meta.json").read_text())["step"] for c in (run_dir / "checkpoints").glob("ckpt-*"))
 
 
 def test_resume_refuses_a_different_config(tmp_path, data_dir):

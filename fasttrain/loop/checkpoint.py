@@ -52,6 +52,7 @@ class Progress:
     step_in_epoch: int = 0  # steps of epoch `epoch` already done (non-zero only for interrupt checkpoints)
     train_time_s: float = 0.0
     best_val_acc: float | None = None
+    last_val: dict[str, float] | None = None  # the latest evaluation: loss, acc, count
     time_to_target_s: float | None = None
     skipped_steps: int = 0
     wandb_id: str | None = None
@@ -126,6 +127,11 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
         return []
     found = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and read_meta(p)]
     return sorted(found, key=lambda p: read_meta(p)["step"])
+
+
+def exists_for_step(ckpt_root: Path, step: int) -> bool:
+    """Whether a complete checkpoint of optimizer step `step` is already there."""
+    return any(read_meta(p)["step"] == step for p in list_checkpoints(ckpt_root))
 
 
 def remove_partial(ckpt_root: Path) -> None:

@@ -3,7 +3,7 @@
 from fasttrain.models.deepcnn import DeepCNN
 from fasttrain.models.layers import Mul, Residual, ResidualBlock, SkipConnectionBlock, conv_bn, conv_bn_relu
 from fasttrain.models.registry import create, describe, names, register
-from fasttrain.models.resnet import ResNet9, ResNet18
+from fasttrain.models.resnet import ResNet9, ResNet9FFCV, ResNet18
 from fasttrain.models.stats import count_params, flops_per_image
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Mul",
     "Residual",
     "ResNet9",
+    "ResNet9FFCV",
     "ResNet18",
     "ResidualBlock",
     "SkipConnectionBlock",

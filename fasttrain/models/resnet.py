@@ -1,4 +1,5 @@
-"""ResNet-9 (the Myrtle.ai DAWNBench net, as in the FFCV CIFAR example) and the standard CIFAR ResNet-18."""
+"""ResNet-9 in its two common forms — the network of FFCV's CIFAR example (`resnet9_ffcv`, the resnet9 recipe's)
+and the wider Myrtle.ai DAWNBench net (`resnet9`) — and the standard CIFAR ResNet-18."""
 
 import torch
 from torch import nn
@@ -14,13 +15,43 @@ def _check_positive(model: str, **values: float) -> None:
             raise ConfigError(f"{model}: {arg} must be positive, got {value}")
 
 
+@register("resnet9_ffcv")
+class ResNet9FFCV(nn.Sequential):
+    """The network of FFCV's examples/cifar (2.27 M parameters at width_mult 1):
+    conv 64 -> 5x5 stride-2 conv 128 -> residual(2 x conv 128) -> conv 256 -> max-pool 2 -> residual(2 x conv 256)
+    -> 3x3 conv to 128 without padding -> global max-pool -> bias-free linear, logits x `scale` (0.2).
+    Every conv is conv-BN-ReLU without bias. Widths are 64/128/256 times `width_mult`."""
+
+    def __init__(
+        self, num_classes: int = 10, width_mult: float = 1.0, scale: float = 0.2, in_channels: int = 3
+    ) -> None:
+        _check_positive("resnet9_ffcv", num_classes=num_classes, width_mult=width_mult, scale=scale)
+        c0, c1, c2 = (max(1, round(base * width_mult)) for base in (64, 128, 256))
+        unpadded = nn.Sequential(nn.Conv2d(c2, c1, 3, padding=0, bias=False), nn.BatchNorm2d(c1), nn.ReLU(inplace=True))
+        super().__init__(
+            conv_bn_relu(in_channels, c0),
+            conv_bn_relu(c0, c1, kernel=5, stride=2),
+            Residual(nn.Sequential(conv_bn_relu(c1, c1), conv_bn_relu(c1, c1))),
+            conv_bn_relu(c1, c2),
+            nn.MaxPool2d(2),
+            Residual(nn.Sequential(conv_bn_relu(c2, c2), conv_bn_relu(c2, c2))),
+            unpadded,
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+            nn.Linear(c1, num_classes, bias=False),
+            Mul(scale),
+        )
+
+
 @register("resnet9")
 class ResNet9(nn.Module):
-    """prep(64) -> layer1(128, pool, residual) -> layer2(256, pool) -> layer3(512, pool, residual) -> max-pool head.
+    """The Myrtle.ai DAWNBench ResNet-9 (6.57 M parameters): prep(64) -> layer1(128, pool, residual) ->
+    layer2(256, pool) -> layer3(512, pool, residual) -> max-pool head. Wider at full resolution than the FFCV
+    example's net (`resnet9_ffcv`) and about 1.3x its compute.
 
     Widths are 64/128/256/512 times `width_mult`. The linear head has no bias and its logits are multiplied by
-    `scale`: 0.125 is Myrtle.ai's value (the FFCV example, with its narrower head, uses 0.2). A small scale keeps
-    the initial softmax soft, which the high learning rates of fast schedules rely on.
+    `scale` (0.125, Myrtle.ai's value). A small scale keeps the initial softmax soft, which the high learning
+    rates of fast schedules rely on.
     """
 
     def __init__(

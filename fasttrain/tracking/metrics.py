@@ -1,56 +1,22 @@
 """The run's own metrics log: one JSON object per line (`metrics.jsonl`), readable without W&B.
 
-Non-finite floats are written as the strings "NaN", "Infinity" and "-Infinity" (the spelling wandb uses), so
-every line is strict JSON that any tool can parse, and a diverged loss is not confused with a missing value;
-`read_metrics` turns those strings back into floats. Numpy and torch scalars are written as plain numbers.
+Rows follow fasttrain's one JSON policy (fasttrain.files): non-finite floats are spelled "NaN", "Infinity",
+"-Infinity", and `read_metrics` turns them back into floats.
 
 Every row should carry an integer "step": resuming uses it to drop what was logged after the checkpoint.
 Write a step's rows before saving its checkpoint, so a resume never lacks them. Main process only.
 """
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import IO, Any
 
-from fasttrain.files import replacing
-
-_NON_FINITE_TO_TEXT = {math.inf: "Infinity", -math.inf: "-Infinity"}
-_TEXT_TO_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def to_json_safe(value: Any) -> Any:
-    """`value` with non-finite floats spelled as strings and array/tensor scalars unwrapped."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        return _NON_FINITE_TO_TEXT.get(value, value)
-    if isinstance(value, dict):
-        return {str(key): to_json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json_safe(item) for item in value]
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return to_json_safe(value.item())
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"cannot write {type(value).__name__} value {value!r} to the metrics file")
-
-
-def _from_json(value: Any) -> Any:
-    if isinstance(value, str):
-        return _TEXT_TO_NON_FINITE.get(value, value)
-    if isinstance(value, dict):
-        return {key: _from_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_from_json(item) for item in value]
-    return value
+from fasttrain.files import dumps, from_json_safe, replacing
 
 
 def encode_row(row: dict[str, Any]) -> str:
-    return json.dumps(to_json_safe(row), allow_nan=False, separators=(",", ":"))
+    return dumps(row)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -61,7 +27,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(_from_json(json.loads(line)))
+            rows.append(from_json_safe(json.loads(line)))
         except json.JSONDecodeError:
             if number == len(lines):
                 break

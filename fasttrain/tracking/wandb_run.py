@@ -102,6 +102,22 @@ class WandbRun:
         if self._active():
             self._guarded("log", lambda: self._run.log(metrics, step=step))
 
+    def log_row(self, row: dict[str, Any]) -> None:
+        """Record one metrics.jsonl row at its step."""
+        self.log({k: v for k, v in row.items() if v is not None and k != "kind"}, step=row["step"])
+
+    def log_model(self, path: Path, name: str, metadata: dict[str, Any]) -> None:
+        """The final weights as a W&B model artifact."""
+        if self._active():
+            import wandb
+
+            def log() -> None:
+                artifact = wandb.Artifact(name, type="model", metadata=metadata)
+                artifact.add_file(str(path))
+                self._run.log_artifact(artifact)
+
+            self._guarded("log_model", log)
+
     def summary(self, values: dict[str, Any]) -> None:
         """Set run summary values (final or best numbers shown in the W&B runs table)."""
         if self._active():

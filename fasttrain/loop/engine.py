@@ -1,0 +1,160 @@
+"""The step engine: one optimizer step (forward, loss, backward, every optimiser, every schedule) with its
+statistics kept on the device.
+
+Between log steps the engine makes no host<->device synchronisation: the loss, the correct count and a non-finite
+flag accumulate in one device tensor, and image counts are host integers. `take_window()` reads that tensor (the
+one sync) and starts a new window. A non-finite loss is therefore noticed at the next log step or epoch end, and
+named by the window of steps it happened in. Only `nonfinite="skip"` reads the loss every step, because it must
+decide before the optimiser steps.
+
+    engine = StepEngine(model, optimizers, schedulers, accelerator, label_smoothing=0.1)
+    for images, labels in loader:
+        engine.step(images, labels)
+    stats = engine.take_window()   # WindowStats(images=..., loss=..., acc=..., ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fasttrain.errors import NonFiniteLoss
+from fasttrain.loop.distributed import any_rank
+
+# Slots of the device-side statistics tensor.
+SMOOTHED_LOSS, LOSS, CORRECT, NONFINITE = range(4)
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """What the steps since the last `take_window()` did, on this rank."""
+
+    steps: int
+    images: int
+    loss: float  # mean plain cross-entropy (comparable with validation loss)
+    loss_smoothed: float  # mean training objective (with label smoothing)
+    acc: float
+    nonfinite_steps: int
+    skipped_steps: int
+
+    @staticmethod
+    def combine(parts: list[WindowStats]) -> WindowStats:
+        """Windows of one epoch added up."""
+        images = sum(p.images for p in parts)
+
+        def mean(key: str) -> float:
+            return sum(getattr(p, key) * p.images for p in parts) / images if images else float("nan")
+
+        return WindowStats(
+            steps=sum(p.steps for p in parts),
+            images=images,
+            loss=mean("loss"),
+            loss_smoothed=mean("loss_smoothed"),
+            acc=mean("acc"),
+            nonfinite_steps=sum(p.nonfinite_steps for p in parts),
+            skipped_steps=sum(p.skipped_steps for p in parts),
+        )
+
+
+class StepEngine:
+    """Runs training steps on prepared (Accelerate) model, optimisers and schedulers.
+
+    `forward`: what computes the logits, e.g. the compiled model (default: `model`). `loss_reduction`: "mean", or
+    "sum" over the batch (airbench). `nonfinite`: "stop" lets the caller stop at the next window; "skip" drops a
+    step whose loss is NaN/Inf on any rank (restoring BatchNorm statistics, so the dropped step leaves no trace).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        schedulers: list,
+        accelerator,
+        *,
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        label_smoothing: float = 0.0,
+        loss_reduction: str = "mean",
+        grad_clip: float | None = None,
+        nonfinite: str = "stop",
+    ):
+        self.model, self.optimizers, self.schedulers, self.accelerator = model, optimizers, schedulers, accelerator
+        self.forward = forward or model
+        self.label_smoothing, self.loss_reduction, self.grad_clip = label_smoothing, loss_reduction, grad_clip
+        self.nonfinite = nonfinite
+        self._stats = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        self._images = self._steps = self._skipped = 0
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
+        """One optimizer step on this batch. Returns False if the step was skipped (nonfinite="skip" only)."""
+        saved_buffers = [b.clone() for b in self.model.buffers()] if self.nonfinite == "skip" else None
+        with self.accelerator.autocast():
+            logits = self.forward(images)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction=self.loss_reduction)
+        self.accelerator.backward(loss)
+        if saved_buffers is not None and any_rank(self.accelerator, not bool(torch.isfinite(loss))):
+            self._drop_step(saved_buffers)
+            return False
+        if self.grad_clip is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self._record(loss.detach(), logits.detach(), labels)
+        return True
+
+    def _record(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        smoothed_sum = loss * n if self.loss_reduction == "mean" else loss
+        with torch.no_grad():
+            plain_sum = F.cross_entropy(logits, labels, reduction="sum")
+            correct = (logits.argmax(dim=1) == labels).sum()
+            self._stats += torch.stack([smoothed_sum.double(), plain_sum.double(), correct.double(),
+                                        (~torch.isfinite(loss)).double()])  # fmt: skip
+        self._images += n
+        self._steps += 1
+
+    def _drop_step(self, saved_buffers: list[torch.Tensor]) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), saved_buffers):
+                buffer.copy_(saved)
+        self._skipped += 1
+
+    def take_window(self) -> WindowStats:
+        """The statistics since the last call (one device->host read), and a fresh window."""
+        smoothed, plain, correct, nonfinite = self._stats.tolist()
+        n = self._images
+        stats = WindowStats(
+            steps=self._steps,
+            images=n,
+            loss=plain / n if n else float("nan"),
+            loss_smoothed=smoothed / n if n else float("nan"),
+            acc=correct / n if n else float("nan"),
+            nonfinite_steps=int(nonfinite),
+            skipped_steps=self._skipped,
+        )
+        self._stats.zero_()
+        self._images = self._steps = self._skipped = 0
+        return stats
+
+    def lr(self) -> float:
+        """The current LR of the first parameter group (the one metrics rows report)."""
+        return self.schedulers[0].get_last_lr()[0] if self.schedulers else self.optimizers[0].param_groups[0]["lr"]
+
+
+def raise_if_nonfinite(stats: WindowStats, first_step: int, last_step: int, hint: str) -> None:
+    """NonFiniteLoss naming the window of optimizer steps (1-based) where the loss became NaN/Inf."""
+    if stats.nonfinite_steps:
+        raise NonFiniteLoss(
+            f"the loss became NaN/Inf in {stats.nonfinite_steps} of optimizer steps {first_step + 1}-{last_step}. "
+            + hint
+        )

@@ -1,0 +1,149 @@
+"""Every automatic decision of a run, made once: the Accelerator, then one frozen `RunPlan` that the banner, W&B,
+summary.json and bench all read. Nothing decides "auto" again later."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import InitProcessGroupKwargs
+
+from fasttrain.config import Config
+from fasttrain.errors import ConfigError
+from fasttrain.loop.optim import scaled_lr
+
+RESIDENT_ONLY = {"flip_mode": "alternating", "translate_fill": "reflect"}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What this run does, decided from the config and the hardware."""
+
+    device: str  # "cuda:0", "cpu"
+    device_name: str  # "NVIDIA H100 80GB HBM3", or the CPU's name
+    world_size: int
+    mixed_precision: str  # "no" | "bf16" | "fp16"
+    compile: bool
+    compile_mode: str
+    data_mode: str  # "resident" | "stream"
+    workers: int  # ffcv threads, after clamping to the CPUs this process may use
+    batch_size_global: int
+    batch_size_per_device: int
+    lr_peak: float  # the train section's peak LR at this global batch (param_groups scale theirs alike)
+    channels_last: bool
+    fused_optimizer: bool
+    notes: tuple[str, ...] = ()  # decisions a user should hear about (clamped workers, ignored launcher settings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "notes"}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under SLURM or taskset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def precision_for(requested: str, device: torch.device, launcher: str | None) -> str:
+    """`train.mixed_precision` made concrete. "auto" honours `accelerate launch --mixed_precision fp16|bf16`
+    (ACCELERATE_MIXED_PRECISION); the launcher's "no" is also its default, so it cannot be told from no choice:
+    then bf16 on CUDA, fp32 elsewhere (bf16 autocast is ~10x slower than fp32 on most CPUs)."""
+    on_cuda = device.type == "cuda"
+    if requested == "auto":
+        if launcher in ("fp16", "bf16"):
+            requested = launcher
+        else:
+            return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "no"
+    if requested == "fp16" and not on_cuda:
+        raise ConfigError(
+            "train.mixed_precision: fp16 needs a CUDA device (on CPU it would silently run fp32); use bf16 or no"
+        )
+    return requested
+
+
+def make_accelerator(cfg: Config) -> tuple[Accelerator, list[str]]:
+    """The Accelerator, with precision chosen for the device Accelerate picked (`--cpu` means CPU, so fp32).
+    Returns it with notes about launcher settings fasttrain overrides."""
+    notes = []
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes") or not (
+        torch.cuda.is_available()
+    )
+    device = PartialState(cpu=use_cpu).device
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    precision = precision_for(cfg.train.mixed_precision, device, launcher_precision)
+    if launcher_precision in ("fp16", "bf16") and launcher_precision != precision:
+        notes.append(f"the launcher asked for {launcher_precision}; train.mixed_precision={precision} wins")
+    dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if dynamo not in ("no", ""):
+        notes.append(
+            f"ignoring the Accelerate dynamo_backend '{dynamo}': fasttrain compiles the model itself "
+            "(train.compile, train.compile_mode); compiling twice would only cost time"
+        )
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        cpu=use_cpu,
+        dynamo_backend="no",
+        # The schedules count optimizer steps of the global batch: step them exactly once per step.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],
+    )
+    return accelerator, notes
+
+
+def resolve(cfg: Config, accelerator: Accelerator, notes: list[str] = ()) -> RunPlan:
+    """The RunPlan for `cfg` on this Accelerator's device and processes. Raises ConfigError for a batch that does
+    not divide across processes, or augmentation the chosen data mode cannot do."""
+    t, d = cfg.train, cfg.data
+    device = accelerator.device
+    on_cuda = device.type == "cuda"
+    world = accelerator.num_processes
+    notes = list(notes)
+    if t.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size: the global batch {t.batch_size} does not divide across {world} processes; "
+            f"use a multiple of {world}"
+        )
+    data_mode = d.mode if d.mode != "auto" else ("resident" if on_cuda else "stream")
+    if data_mode == "stream":
+        for key, value in RESIDENT_ONLY.items():
+            if getattr(d, key) == value:
+                raise ConfigError(
+                    f"data.{key}: {value} is done by the resident data mode only; add --data.mode resident"
+                )
+    cpus = usable_cpus()
+    workers = min(d.workers, cpus)
+    if workers < d.workers and data_mode == "stream":
+        notes.append(f"data.workers {d.workers} clamped to {workers}: this process may use {cpus} CPUs")
+    compile_on = t.compile == "on" or (t.compile == "auto" and on_cuda)
+    return RunPlan(
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        world_size=world,
+        mixed_precision=accelerator.mixed_precision,
+        compile=compile_on,
+        compile_mode=t.compile_mode,
+        data_mode=data_mode,
+        workers=workers,
+        batch_size_global=t.batch_size,
+        batch_size_per_device=t.batch_size // world,
+        lr_peak=scaled_lr(t, t.batch_size),
+        channels_last=t.channels_last,
+        fused_optimizer=on_cuda,
+        notes=tuple(notes),
+    )
+
+
+def configure_backends(plan: RunPlan) -> None:
+    """CUDA settings every fast CIFAR trainer uses: cuDNN picks the fastest conv algorithms for our fixed shapes,
+    and fp32 matmuls/convs may use TF32."""
+    if plan.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,80 @@
+"""Reporting, apart from the loop: the console (banner, epoch table), metrics.jsonl, W&B, summary.json and
+curves.png. Only the main process writes; on other ranks every method is a no-op."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fasttrain.files import write_json, write_text
+from fasttrain.tracking.console import EpochTable
+from fasttrain.tracking.metrics import MetricsFile, read_metrics
+from fasttrain.tracking.plots import plot_curves
+from fasttrain.tracking.wandb_run import start_wandb
+
+TABLE = [("epoch", "d"), ("train_loss", ".4f"), ("train_acc", ".4f"), ("val_loss", ".4f"), ("val_acc", ".4f"),
+         ("lr", ".4f"), ("time_s", ".1f"), ("img/s", ".0f")]  # fmt: skip
+
+
+class Reporter:
+    """Everything a run tells the outside world. `wandb_id` continues the W&B run of a resumed run."""
+
+    def __init__(self, run_dir: Path, cfg, plan, main: bool, resume_step: int | None, wandb_id: str | None):
+        self.run_dir, self.main = run_dir, main
+        self.table = EpochTable(TABLE)
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", resume_step=resume_step) if main else None
+        self.wandb = None
+        if main:
+            w = cfg.wandb
+            self.wandb = start_wandb(
+                w.mode, project=w.project or "fasttrain", entity=w.entity, name=w.name or run_dir.name, tags=w.tags,
+                config={**cfg.to_dict(), "plan": plan.as_dict()}, run_dir=run_dir, resume_id=wandb_id,
+            )  # fmt: skip
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def say(self, message: str) -> None:
+        if self.main:
+            print(message, flush=True)
+
+    def write_run_files(self, cfg, argv: list[str]) -> None:
+        """config.yaml (the resolved configuration) and command.txt (how to run it again)."""
+        if self.main:
+            write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_text(self.run_dir / "command.txt", " ".join([sys.argv[0], *argv]) + "\n")
+
+    def row(self, row: dict[str, Any]) -> None:
+        """One metrics row: metrics.jsonl and W&B; epoch rows also go to the console table."""
+        if not self.main:
+            return
+        self.metrics.write(row)
+        self.wandb.log_row(row)
+        if row["kind"] == "epoch":
+            if row["epoch"] == 1 or not getattr(self, "_header_shown", False):
+                self.say(self.table.header())
+                self._header_shown = True
+            self.say(self.table.row({**row, "img/s": row["images_per_sec"]}))
+
+    def sync(self) -> None:
+        """Rows written so far are on disk (before a checkpoint that claims them)."""
+        if self.main:
+            self.metrics.sync()
+
+    def finish(self, summary: dict[str, Any], model_file: Path | None, title: str) -> None:
+        """summary.json, curves.png, the W&B summary and model artifact, then close W&B."""
+        if not self.main:
+            return
+        write_json(self.run_dir / "summary.json", summary)
+        epochs = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
+        if epochs:
+            plot_curves(epochs, self.run_dir / "curves.png", title=title)
+        self.metrics.close()
+        self.wandb.summary({k: v for k, v in summary.items() if v is not None})
+        if model_file is not None and model_file.exists():
+            self.wandb.log_model(model_file, name=f"model-{self.run_dir.name}", metadata=summary)
+        self.wandb.finish(exit_code=summary["exit_code"])

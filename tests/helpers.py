@@ -1,0 +1,138 @@
+"""What several test modules share: paths, the tiny training settings, and ways to run the trainer as users do.
+Tests import from here (fixtures come from conftest.py); no test module imports another."""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = Path(
+    os.environ.get("FASTTRAIN_CIFAR_ARCHIVE", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+)
+TRAIN = REPO / "fasttrain" / "train.py"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+WANDB = Path(sys.executable).with_name("wandb")
+CPU_2PROC = REPO / "launch" / "accelerate" / "cpu_2proc.yaml"
+
+TINY = [
+    "--model.name",
+    "deepcnn",
+    "--model.widths",
+    "8,16",
+    "--model.blocks",
+    "1,1",
+    "--train.batch_size",
+    "100",
+    "--train.lr",
+    "0.2",
+    "--train.lr_ref_batch",
+    "100",
+    "--train.lr_peak_epoch",
+    "1",
+    "--train.log_every",
+    "2",
+    "--data.workers",
+    "1",
+    "--data.eval_batch_size",
+    "250",
+    "--train.mixed_precision",
+    "no",
+    "--train.compile",
+    "off",
+]
+# The tiny settings in the resident data mode, W&B off: 10 steps per epoch on the 1,000-image slice.
+FAST = [*TINY, "--data.mode", "resident", "--wandb.mode", "disabled"]
+
+
+def read_archive_slice(per_class: int, split: str = "train"):
+    """The first `per_class` images of each class of `split`, decoded: (uint8 [N,32,32,3], int64 [N], classes)."""
+    from PIL import Image
+
+    if not SHARED_ARCHIVE.exists():
+        pytest.skip(f"shared CIFAR-10 archive not found at {SHARED_ARCHIVE} (set FASTTRAIN_CIFAR_ARCHIVE)")
+    members: dict[str, list[tarfile.TarInfo]] = {}
+    with tarfile.open(SHARED_ARCHIVE) as tar:
+        for m in tar:
+            parts = Path(m.name).parts
+            if m.isfile() and len(parts) >= 3 and parts[-3] == split:
+                members.setdefault(parts[-2], []).append(m)
+        classes = sorted(members)
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            for m in sorted(members[cls], key=lambda m: m.name)[:per_class]:
+                data = tar.extractfile(m).read()
+                images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+                labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+
+
+def env_for_tests(tmp_path: Path) -> dict:
+    """The environment of a user without W&B credentials, with a private HOME."""
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_API_KEY", None)
+    env.pop("WANDB_MODE", None)
+    return env
+
+
+def run_train(args, tmp_path, *, launcher=None, timeout=600, check=True):
+    """`python fasttrain/train.py ARGS` (or under `launcher`) in `tmp_path`; raises with its output if it fails."""
+    cmd = [*(launcher or [sys.executable]), str(TRAIN), *args]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env_for_tests(tmp_path), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def start_train(args, cwd, env_extra=None, **kwargs) -> subprocess.Popen:
+    """The trainer as a background process, stdout and stderr merged."""
+    env = {**env_for_tests(cwd), **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, **kwargs,
+    )  # fmt: skip
+
+
+def launch(args, cwd: Path, *, processes: int, env_extra=None, timeout=600):
+    """`accelerate launch` of the trainer with `processes` CPU processes; returns (CompletedProcess, seconds)."""
+    env = {**env_for_tests(cwd), "ACCELERATE_USE_CPU": "1", **(env_extra or {})}
+    if processes == 1:
+        launcher = [str(ACCELERATE), "launch", "--num_processes", "1", "--cpu"]
+    else:
+        launcher = [
+            str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), "--num_processes", str(processes),
+            "--main_process_port", str(29500 + os.getpid() % 1000),
+        ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [*launcher, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return proc, time.perf_counter() - t0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(json.loads((c / "meta.json").read_text())["step"] for c in (run_dir / "checkpoints").glob("ckpt-*"))
+
+
+def tree_digest(path: Path) -> str:
+    """One hash of every file's name and bytes under `path`."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()

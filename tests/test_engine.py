@@ -1,0 +1,121 @@
+"""The step engine in-process: no run directory, no subprocess, a real Accelerator on the CPU."""
+
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from fasttrain import models
+from fasttrain.config import ParamGroup, TrainSection
+from fasttrain.errors import NonFiniteLoss
+from fasttrain.loop.engine import StepEngine, WindowStats, raise_if_nonfinite
+from fasttrain.loop.optim import build_optimizers, build_schedulers, lr_factor
+
+STEPS_PER_EPOCH = 4
+
+
+def make_engine(nonfinite="stop", groups=None, lr=0.1, model=None, **train):
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
+    model = model or models.create("deepcnn", widths=(8, 8), blocks=(1, 1))
+    t = TrainSection(epochs=2, batch_size=16, lr=lr, lr_ref_batch=16, lr_peak_epoch=1, **train)
+    optimizers = build_optimizers(model, t, groups or {}, t.batch_size)
+    schedulers = build_schedulers(optimizers, t, groups or {}, STEPS_PER_EPOCH)
+    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
+    n = len(optimizers)
+    engine = StepEngine(model, prepared[:n], prepared[n:], accelerator, label_smoothing=0.1, nonfinite=nonfinite)
+    return engine
+
+
+def batch(n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_one_step_changes_every_trained_weight():
+    engine = make_engine()
+    before = {k: v.clone() for k, v in engine.model.named_parameters()}
+    assert engine.step(*batch())
+    changed = [k for k, v in engine.model.named_parameters() if not torch.equal(v, before[k])]
+    assert set(changed) == set(before)
+
+
+def test_statistics_stay_on_the_device_until_the_window_is_taken():
+    engine = make_engine()
+    for seed in range(3):
+        engine.step(*batch(seed=seed))
+    assert engine._stats.device == engine.accelerator.device and engine._stats[3] == 0
+    stats = engine.take_window()
+    assert (stats.steps, stats.images) == (3, 48)
+    assert 0 <= stats.acc <= 1 and math.isfinite(stats.loss) and stats.loss_smoothed > 0
+    assert engine.take_window().steps == 0, "taking a window starts a new one"
+
+
+def test_plain_loss_is_reported_apart_from_the_smoothed_objective():
+    engine = make_engine()
+    images, labels = batch()
+    with torch.no_grad():
+        logits = engine.model(images)
+    expected = nn.functional.cross_entropy(logits, labels).item()
+    engine.step(images, labels)
+    stats = engine.take_window()
+    assert stats.loss == pytest.approx(expected, rel=1e-5)
+    assert stats.loss_smoothed != pytest.approx(stats.loss, rel=1e-3)
+
+
+def test_schedule_advances_once_per_optimizer_step():
+    engine = make_engine()
+    total, peak = 2 * STEPS_PER_EPOCH, STEPS_PER_EPOCH
+    for step in range(5):
+        assert engine.lr() == pytest.approx(0.1 * lr_factor(step, total, peak, "triangular"))
+        engine.step(*batch(seed=step))
+    assert engine.schedulers[0].scheduler.last_epoch == 5
+
+
+def test_a_non_finite_loss_is_reported_with_its_step_window():
+    engine = make_engine(lr=1e30, schedule="constant")
+    for seed in range(4):
+        engine.step(*batch(seed=seed))
+    stats = engine.take_window()
+    assert stats.nonfinite_steps >= 1
+    with pytest.raises(NonFiniteLoss, match="optimizer steps 1-4"):
+        raise_if_nonfinite(stats, 0, 4, "hint")
+
+
+def test_skip_mode_drops_the_step_and_leaves_batchnorm_statistics_as_they_were():
+    engine = make_engine(nonfinite="skip")
+    engine.step(*batch())
+    weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    images, labels = batch(seed=2)
+    images[0, 0, 0, 0] = float("nan")
+    assert not engine.step(images, labels)
+    assert all(torch.equal(v, weights[k]) for k, v in engine.model.state_dict().items())
+    stats = engine.take_window()
+    assert (stats.steps, stats.skipped_steps) == (1, 1)
+
+
+def test_several_optimisers_each_step_their_own_groups_on_their_own_schedule():
+    groups = {
+        "head": ParamGroup(params=("*head*",), lr=0.5, end_epoch=1.0),
+        "rest": ParamGroup(params=("*",), optimizer="adamw", lr=0.01, schedule="constant"),
+    }
+    engine = make_engine(groups=groups)
+    kinds = [type(o.optimizer).__name__ for o in engine.optimizers]
+    assert kinds == ["SGD", "AdamW"]
+    head = [p for n, p in engine.model.named_parameters() if "head" in n]
+    for step in range(STEPS_PER_EPOCH):
+        engine.step(*batch(seed=step))
+    frozen = [p.clone() for p in head]
+    engine.step(*batch(seed=9))
+    assert all(torch.equal(a, b) for a, b in zip(head, frozen)), "end_epoch 1: LR 0 from then on"
+    assert engine.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_windows_combine_weighted_by_images():
+    a = WindowStats(steps=1, images=10, loss=1.0, loss_smoothed=2.0, acc=0.5, nonfinite_steps=0, skipped_steps=0)
+    b = WindowStats(steps=3, images=30, loss=3.0, loss_smoothed=4.0, acc=0.1, nonfinite_steps=1, skipped_steps=0)
+    both = WindowStats.combine([a, b])
+    assert (both.steps, both.images, both.nonfinite_steps) == (4, 40, 1)
+    assert both.loss == pytest.approx(2.5) and both.acc == pytest.approx(0.2)
