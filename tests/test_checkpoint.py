@@ -182,3 +182,20 @@ def test_list_checkpoints_still_lists_complete_ones_oldest_first(run, tmp_path):
     (s20 / "meta.json").write_text("[1, 2]")  # valid JSON, not a meta
     assert checkpoint.list_checkpoints(tmp_path) == [s10, s30]
     assert checkpoint.validate(s20) == "meta.json does not mark the checkpoint complete"
+
+
+def test_saving_over_a_damaged_checkpoint_of_the_same_step_sets_it_aside(run, tmp_path):
+    s10 = run.save_at(tmp_path, 10)
+    damaged = run.save_at(tmp_path, 20)
+    reason = truncate_model(damaged)
+    assert checkpoint.find_resume(tmp_path, print) == s10
+    run.acc.load_state(str(s10))
+    resaved = run.save_at(tmp_path, 20)  # training from step 10 reaches step 20 again
+
+    assert resaved == damaged and checkpoint.validate(resaved) is None
+    aside = tmp_path / f"damaged-{damaged.name}"
+    assert checkpoint.validate(aside) == reason, "the damaged checkpoint is kept, as it was"
+    assert checkpoint.checkpoint_dirs(tmp_path) == [s10, resaved]
+
+    run.save_at(tmp_path, 20)  # an intact checkpoint of the same step (interrupt right after an epoch-end save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([s10.name, resaved.name, aside.name])

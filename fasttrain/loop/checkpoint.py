@@ -103,8 +103,8 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
             f.flush()
             os.fsync(f.fileno())
         inject_fault(accelerator.process_index, progress.step, at="checkpoint")
-        if final.exists():  # same step saved twice (an interrupt right after an epoch-end save)
-            shutil.rmtree(final)
+        if final.exists():
+            set_aside_or_remove(final)
         os.replace(tmp, final)
         fsync_path(ckpt_root)
     except Exception as e:
@@ -121,6 +121,21 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
         ) from None
     prune(ckpt_root, keep)
     return final
+
+
+def set_aside_or_remove(ckpt: Path) -> None:
+    """Make way for a new checkpoint of the same step. An intact one (an interrupt right after an epoch-end save) is
+    removed; a damaged one (a resume from an older checkpoint skipped it) is renamed `damaged-<name>`, which no
+    function here lists, prunes or deletes."""
+    if validate(ckpt) is None:
+        shutil.rmtree(ckpt)
+        return
+    aside = ckpt.with_name(f"damaged-{ckpt.name}")
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = ckpt.with_name(f"damaged-{ckpt.name}-{suffix}")
+    os.replace(ckpt, aside)
 
 
 def prune(ckpt_root: Path, keep: int) -> list[Path]:
