@@ -4,13 +4,21 @@ A checkpoint is a directory `checkpoints/ckpt-e{epoch}-s{step}` holding what Acc
 scheduler, grad scaler, every rank's RNG state, and our `Progress`) plus `meta.json`. It is written under a
 temporary name, fsynced, and renamed only once every rank has written its part, so a crash or `kill -9` at any
 moment leaves either the complete new checkpoint or none of it: the previous one is never touched.
+
+`meta.json`, written last, lists every other file with its size and sha256, so a checkpoint damaged afterwards (a
+truncated copy, a lost file, flipped bits) is recognised by `validate` before `Accelerator.load_state` reads it.
+`find_resume` skips damaged checkpoints for the newest intact one; nothing here deletes a damaged checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,9 @@ from fasttrain.loop.distributed import inject_fault
 
 META = "meta.json"
 PREFIX = "ckpt-"
+NAME_PATTERN = re.compile(r"ckpt-e(\d+)-s(\d+)")
+# What fasttrain's trainer has always saved; checked in checkpoints whose meta.json predates the file list.
+LEGACY_REQUIRED = ("model.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl")
 # Settings that may change between a run and its resumption without changing what is being trained.
 RESUMABLE_KEYS = {
     "run.resume",
@@ -86,14 +97,15 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
             "step_in_epoch": progress.step_in_epoch,
             "world_size": accelerator.num_processes,
             "config": config,
+            "files": file_list(tmp),  # every rank's files are written (the barrier above)
         }
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         inject_fault(accelerator.process_index, progress.step, at="checkpoint")
-        if final.exists():  # same step saved twice (an interrupt right after an epoch-end save)
-            shutil.rmtree(final)
+        if final.exists():
+            set_aside_or_remove(final)
         os.replace(tmp, final)
         fsync_path(ckpt_root)
     except Exception as e:
@@ -101,16 +113,57 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
         if not (isinstance(e, OSError) or "I/O error" in str(e)):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(ckpt_root)
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        previous = newest_intact(ckpt_root)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no intact earlier checkpoint exists"
         reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
         raise FasttrainError(
             f"could not write checkpoint {final}: {reason}; {kept}. "
             f"Free disk space or choose another --run.dir, then continue with --resume auto"
         ) from None
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(ckpt_root, keep)
     return final
+
+
+def set_aside_or_remove(ckpt: Path) -> None:
+    """Make way for a new checkpoint of the same step. An intact one (an interrupt right after an epoch-end save) is
+    removed; a damaged one (a resume from an older checkpoint skipped it) is renamed `damaged-<name>`, which no
+    function here lists, prunes or deletes."""
+    if validate(ckpt) is None:
+        shutil.rmtree(ckpt)
+        return
+    aside = ckpt.with_name(f"damaged-{ckpt.name}")
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = ckpt.with_name(f"damaged-{ckpt.name}-{suffix}")
+    os.replace(ckpt, aside)
+
+
+def prune(ckpt_root: Path, keep: int) -> list[Path]:
+    """Delete the intact checkpoints older than the newest `keep` intact ones; returns those deleted.
+
+    Damaged checkpoints are neither counted nor deleted: they stay on disk for the user to inspect or remove
+    (`find_resume` skips them), and counting them would leave fewer than `keep` checkpoints a resume can use.
+    """
+    intact = [c for c in checkpoint_dirs(ckpt_root) if validate(c) is None]
+    old = intact[:-keep]
+    for ckpt in old:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return old
+
+
+def file_list(ckpt: Path) -> list[dict[str, Any]]:
+    """Every file below `ckpt` except meta.json, sorted: relative path, size in bytes and sha256."""
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p != ckpt / META)
+    return [{"path": p.relative_to(ckpt).as_posix(), "size": p.stat().st_size, "sha256": sha256_of(p)} for p in files]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_meta(ckpt: Path) -> dict[str, Any] | None:
@@ -118,7 +171,153 @@ def read_meta(ckpt: Path) -> dict[str, Any] | None:
         meta = json.loads((ckpt / META).read_text())
     except (OSError, ValueError):
         return None
-    return meta if meta.get("complete") else None
+    return meta if isinstance(meta, dict) and meta.get("complete") else None
+
+
+def validate(ckpt: Path) -> str | None:
+    """None when the checkpoint is complete and intact; otherwise a short reason naming the damaged file.
+
+    With a file list in meta.json, every listed file must exist with its size and sha256. Checkpoints written before
+    the list existed get what can be checked without it: the files fasttrain's trainer always writes are present,
+    safetensors headers agree with their file's size, and torch files (zip archives) pass their CRC checks.
+    """
+    if not ckpt.is_dir():
+        return f"{ckpt.name} is not a directory"
+    meta_path = ckpt / META
+    if not meta_path.is_file():
+        return f"{META} is missing"
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except OSError as e:
+        return f"{META} cannot be read ({e.strerror})"
+    except ValueError:  # includes UnicodeDecodeError
+        return f"{META} is not valid JSON"
+    if not isinstance(meta, dict) or meta.get("complete") is not True:
+        return f"{META} does not mark the checkpoint complete"
+    for key, kind in (("epoch", int), ("step", int), ("config", dict)):
+        if not isinstance(meta.get(key), kind):
+            return f"{META} has no valid '{key}'"
+    if "files" not in meta:
+        return _legacy_problem(ckpt, meta)
+    return _listed_files_problem(ckpt, meta["files"])
+
+
+def _listed_files_problem(ckpt: Path, files: Any) -> str | None:
+    def well_formed(entry: Any) -> bool:
+        return (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+            and not Path(entry["path"]).is_absolute()
+            and ".." not in Path(entry["path"]).parts
+        )
+
+    if not isinstance(files, list) or not files or not all(well_formed(e) for e in files):
+        return f"{META} has a malformed file list"
+    # Sizes first: a missing or truncated file is found without reading the others.
+    for entry in files:
+        path = ckpt / entry["path"]
+        if not path.is_file():
+            return f"{entry['path']} is missing"
+        if (size := path.stat().st_size) != entry["size"]:
+            return f"{entry['path']} is {size:,} bytes, expected {entry['size']:,}"
+    for entry in files:
+        if sha256_of(ckpt / entry["path"]) != entry["sha256"]:
+            return f"{entry['path']} is corrupt: its sha256 differs from the one recorded when it was saved"
+    return None
+
+
+def _legacy_problem(ckpt: Path, meta: dict[str, Any]) -> str | None:
+    world_size = meta.get("world_size")
+    ranks = world_size if isinstance(world_size, int) and world_size >= 1 else 1
+    required = [*LEGACY_REQUIRED, *(f"random_states_{i}.pkl" for i in range(ranks))]
+    for name in required:
+        if not (ckpt / name).is_file():
+            return f"{name} is missing"
+    for path in sorted(ckpt.rglob("*.safetensors")):
+        if problem := _safetensors_problem(path):
+            return f"{path.relative_to(ckpt).as_posix()} {problem}"
+    for path in sorted([*ckpt.rglob("*.bin"), *ckpt.rglob("*.pkl")]):
+        if problem := _torch_file_problem(path):
+            return f"{path.relative_to(ckpt).as_posix()} {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes the header locates."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else None
+        if header_len is None or header_len > size - 8:
+            return f"is {size:,} bytes, too short for its header"
+        try:
+            header = json.loads(f.read(header_len))
+            data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "has a damaged header"
+    expected = 8 + header_len + data_end
+    return None if size == expected else f"is {size:,} bytes, expected {expected:,}"
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive: a truncated one has no central directory, a changed byte fails a CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return f"is damaged: {path.stat().st_size:,} bytes that are not a complete torch file"
+    return None if bad_member is None else f"is corrupt: {bad_member} fails its CRC check"
+
+
+def checkpoint_dirs(ckpt_root: Path) -> list[Path]:
+    """Every checkpoint directory, intact or damaged, oldest first; `.tmp-*` directories are not checkpoints."""
+    if not ckpt_root.is_dir():
+        return []
+
+    def step(ckpt: Path) -> int:
+        if match := NAME_PATTERN.fullmatch(ckpt.name):
+            return int(match.group(2))
+        meta = read_meta(ckpt)
+        return meta["step"] if meta and isinstance(meta.get("step"), int) else -1
+
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: (step(p), p.name))
+
+
+def newest_intact(ckpt_root: Path) -> Path | None:
+    return next((c for c in reversed(checkpoint_dirs(ckpt_root)) if validate(c) is None), None)
+
+
+def find_resume(ckpt_root: Path, announce: Callable[[str], None]) -> Path | None:
+    """The newest intact checkpoint under `ckpt_root`, announcing each newer damaged one it skips.
+
+    None when there is no checkpoint directory at all; ConfigError when there are some but none is intact.
+    Damaged checkpoints are left where they are.
+    """
+    candidates = checkpoint_dirs(ckpt_root)
+    for ckpt in reversed(candidates):
+        reason = validate(ckpt)
+        if reason is None:
+            return ckpt
+        announce(f"skipping damaged checkpoint {ckpt}: {reason}")
+    if not candidates:
+        return None
+    raise ConfigError(
+        f"no intact checkpoint in {ckpt_root}: all {len(candidates)} are damaged (reasons above). "
+        "Start over with --resume no, or delete the damaged checkpoints"
+    )
+
+
+def check_explicit(path: Path) -> None:
+    """For `--resume DIR`: ConfigError naming what is wrong when `path` is not an intact checkpoint."""
+    reason = validate(Path(path))
+    if reason is not None:
+        raise ConfigError(
+            f"run.resume: {path} is not an intact fasttrain checkpoint: {reason}. "
+            "Name another checkpoint, or use --resume auto (the newest intact one) or --resume no (start over)"
+        )
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
