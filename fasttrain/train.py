@@ -121,17 +121,16 @@ def data_init(model: torch.nn.Module, train_loader, plan: RunPlan) -> float:
     return time.perf_counter() - t0
 
 
-def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+def find_resume_checkpoint(cfg: Config, run_dir: Path, say) -> Path | None:
+    """The checkpoint `run.resume` names: auto/force take the newest intact one of the run (damaged ones are named
+    and skipped, never deleted); a path must be an intact checkpoint."""
     resume = cfg.run.resume
     if resume == "no":
         return None
     if resume in ("auto", "force"):
-        found = checkpoint.list_checkpoints(run_dir / "checkpoints")
-        return found[-1] if found else None
-    path = Path(resume)
-    if checkpoint.read_meta(path) is None:
-        raise ConfigError(f"run.resume: {path} is not a complete fasttrain checkpoint (no valid meta.json)")
-    return path
+        return checkpoint.find_resume(run_dir / "checkpoints", say)
+    checkpoint.check_explicit(Path(resume))
+    return Path(resume)
 
 
 def synchronize(plan: RunPlan) -> None:
@@ -197,7 +196,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
     progress = checkpoint.Progress()
     accelerator.register_for_checkpointing(progress)
 
-    resume_from = find_resume_checkpoint(cfg, run_dir)
+    say = print if accelerator.is_main_process else (lambda *_: None)
+    resume_from = find_resume_checkpoint(cfg, run_dir, say)
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, cfg.to_dict(), plan.world_size, force=cfg.run.resume == "force")
         accelerator.load_state(str(resume_from))
@@ -210,7 +210,6 @@ def train(cfg: Config, argv: list[str]) -> dict:
         resume_step=progress.step if resume_from else None, wandb_id=progress.wandb_id,
     )  # fmt: skip
     progress.wandb_id = report.wandb_id
-    say = report.say
     for note in plan.notes:
         say(f"fasttrain: note: {note}")
     say(
