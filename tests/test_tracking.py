@@ -70,9 +70,9 @@ def test_offline_run_is_recorded_as_logged(clean_env, tmp_path, monkeypatch, cap
     working_dir.mkdir()
     monkeypatch.chdir(working_dir)
     logged = [
-        {"images_per_sec": 51234.5, "step_time_ms": 9.75, "train_acc": 0.25},
-        {"images_per_sec": 52000.0, "step_time_ms": 9.5, "train_acc": 0.5},
-        {"images_per_sec": 52500.0, "step_time_ms": 9.25, "train_acc": 0.75, "val_acc": 0.625},
+        {"kind": "step", "step": 0, "images_per_sec": 51234.5, "step_time_ms": 9.75, "train_acc": 0.25},
+        {"kind": "step", "step": 1, "images_per_sec": 52000.0, "step_time_ms": 9.5, "train_acc": 0.5},
+        {"kind": "epoch", "step": 2, "epoch": 1, "images_per_sec": 52500.0, "step_time_ms": 9.25, "val_acc": 0.625},
     ]
     run = start_wandb(
         "offline",
@@ -84,8 +84,8 @@ def test_offline_run_is_recorded_as_logged(clean_env, tmp_path, monkeypatch, cap
         system_stats=False,
     )
     assert run.mode == "offline" and run.id
-    for step, metrics in enumerate(logged):
-        run.log(metrics, step=step)
+    for row in logged:
+        run.log_row(row)
     run.summary({"best_val_acc": 0.625, "images_per_sec": 52500.0})
     run.finish()
     run.finish()  # idempotent
@@ -99,15 +99,15 @@ def test_offline_run_is_recorded_as_logged(clean_env, tmp_path, monkeypatch, cap
     records = [json.loads(line) for line in _inspect(str(run.run_dir_path / f"run-{run.id}.wandb")).splitlines()]
     history = {r["history"]["step"].get("num", 0): r["history"]["item"] for r in records if r["type"] == "history"}
     assert sorted(history) == [0, 1, 2]
-    for step, metrics in enumerate(logged):
-        for key, value in metrics.items():
-            assert history[step][key] == pytest.approx(value), (step, key)
+    assert [history[step]["perf/images_per_sec"] for step in (0, 1)] == [51234.5, 52000.0]
+    assert history[1]["train/acc"] == 0.5 and history[1]["perf/step_time_ms"] == 9.5
+    assert history[2]["perf/epoch_images_per_sec"] == 52500.0 and history[2]["val/acc"] == 0.625
 
     summary = json.loads(_inspect("--summary", str(run.run_dir_path)))
     assert summary["state"] == "finished" and summary["exit_code"] == 0 and summary["run_id"] == run.id
     assert summary["project"] == "fasttrain-test" and summary["config"]["lr"] == 0.1
-    assert summary["summary"]["best_val_acc"] == 0.625 and summary["summary"]["step_time_ms"] == 9.25
-    assert summary["summary"]["images_per_sec"] == 52500.0 and summary["summary"]["val_acc"] == 0.625
+    assert summary["summary"]["best_val_acc"] == 0.625 and summary["summary"]["perf/epoch_step_time_ms"] == 9.25
+    assert summary["summary"]["images_per_sec"] == 52500.0 and summary["summary"]["val/acc"] == {"max": 0.625}
 
 
 def test_auto_mode_is_offline_without_credentials(clean_env, monkeypatch):
@@ -156,7 +156,7 @@ def _check_fell_back(run, run_dir: Path, lines: list[str]) -> None:
     assert run.mode == "offline"
     assert len(lines) == 1, lines
     assert "online start failed" in lines[0] and f"wandb sync {run.run_dir_path}" in lines[0]
-    run.log({"train_acc": 0.5}, step=0)
+    run.log_row({"kind": "step", "step": 0, "train_acc": 0.5})
     run.finish()
     assert (run.run_dir_path / f"run-{run.id}.wandb").is_file()
     assert not list((run_dir / "wandb").glob("run-*")), "the failed online attempt left its directory"
@@ -201,7 +201,7 @@ def test_online_start_falls_back_when_server_never_answers(clean_env, tmp_path, 
 
 def test_disabled_does_nothing_and_writes_nothing(clean_env, tmp_path):
     run = start_wandb("disabled", project="fasttrain-test", config={"lr": 0.1}, run_dir=tmp_path / "run")
-    run.log({"train_acc": 0.5}, step=0)
+    run.log_row({"kind": "step", "step": 0, "train_acc": 0.5})
     run.summary({"best_val_acc": 0.5})
     run.finish()
     assert run.mode == "disabled" and run.id is None and run.run_dir_path is None and run.url is None
