@@ -553,7 +553,10 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     )
     result = {
         "command": "e2e",
-        "env": {**environment(resolve_device(None), summary.get("world_size") or 1), "device": summary.get("device_name")},
+        "env": {
+            **environment(resolve_device(None), summary.get("world_size") or 1),
+            "device": summary.get("device_name"),
+        },
         "settings": {
             "config": args.config,
             "target_acc": args.target_acc,

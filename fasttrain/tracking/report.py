@@ -25,12 +25,14 @@ class Reporter:
     def __init__(self, run_dir: Path, cfg, plan, main: bool, resume_step: int | None, wandb_id: str | None):
         self.run_dir, self.main = run_dir, main
         self.table = EpochTable(TABLE)
+        self.header_shown = False
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", resume_step=resume_step) if main else None
         self.wandb = None
         if main:
             w = cfg.wandb
             self.wandb = start_wandb(
-                w.mode, project=w.project or "fasttrain", entity=w.entity, name=w.name or run_dir.name, tags=w.tags,
+                w.mode, project=w.project, entity=w.entity, name=w.name, default_name=run_dir.name,
+                tags=w.tags or None, group=w.group, job_type=w.job_type,
                 config={**cfg.to_dict(), "plan": plan.as_dict()}, run_dir=run_dir, resume_id=wandb_id,
             )  # fmt: skip
 
@@ -55,9 +57,9 @@ class Reporter:
         self.metrics.write(row)
         self.wandb.log_row(row)
         if row["kind"] == "epoch":
-            if row["epoch"] == 1 or not getattr(self, "_header_shown", False):
+            if not self.header_shown:
                 self.say(self.table.header())
-                self._header_shown = True
+                self.header_shown = True
             self.say(self.table.row({**row, "img/s": row["images_per_sec"]}))
 
     def sync(self) -> None:

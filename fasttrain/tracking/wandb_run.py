@@ -114,27 +114,6 @@ class WandbRun:
             values, step = to_wandb(row)
             self._guarded("log", lambda: self._run.log(values, step=step))
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Record `metrics` under their own names at `step` (the trainer before `log_row`)."""
-        if self._active():
-            self._guarded("log", lambda: self._run.log(metrics, step=step))
-
-    def log_row(self, row: dict[str, Any]) -> None:
-        """Record one metrics.jsonl row at its step."""
-        self.log({k: v for k, v in row.items() if v is not None and k != "kind"}, step=row["step"])
-
-    def log_model(self, path: Path, name: str, metadata: dict[str, Any]) -> None:
-        """The final weights as a W&B model artifact."""
-        if self._active():
-            import wandb
-
-            def log() -> None:
-                artifact = wandb.Artifact(name, type="model", metadata=metadata)
-                artifact.add_file(str(path))
-                self._run.log_artifact(artifact)
-
-            self._guarded("log_model", log)
-
     def summary(self, values: dict[str, Any]) -> None:
         """Put summary.json's figures, under the same flat keys, in the run summary (the runs table's columns).
 
