@@ -109,14 +109,14 @@ def build_model(cfg: Config, plan: RunPlan) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
-def data_init(model: torch.nn.Module, train_loader, plan: RunPlan) -> float:
+def initialise_from_data(model: torch.nn.Module, train_loader, plan: RunPlan) -> float:
     """A model's data-dependent initialisation (airbench's whitening), if it has one: seconds it took. It sees the
     same images on every rank, and runs before `prepare`, so all ranks start from the same weights."""
     if not hasattr(model, "data_init"):
         return 0.0
     t0 = time.perf_counter()
     images = train_loader.sample_images(DATA_INIT_IMAGES)
-    model.to(images.device).data_init(images)
+    models.data_init(model.to(images.device), images)
     synchronize(plan)
     return time.perf_counter() - t0
 
@@ -187,7 +187,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         )
 
     model, model_info = build_model(cfg, plan)
-    data_init_s = data_init(model, train_loader, plan)
+    data_init_s = initialise_from_data(model, train_loader, plan)
     t = cfg.train
     optimizers = build_optimizers(model, t, cfg.param_groups, t.batch_size, fused=plan.fused_optimizer)
     schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)

@@ -24,6 +24,7 @@ from fasttrain.models import (
 
 # Small variants of every registered model, so the slower checks stay fast on CPU.
 SMALL_KWARGS: dict[str, dict[str, object]] = {
+    "airbench94": {"widths": (8, 16, 16)},
     "deepcnn": {"widths": (8, 16), "blocks": (1, 1)},
     "resnet9": {"width_mult": 0.125},
     "resnet18": {"width": 8},
@@ -33,6 +34,7 @@ COMPILE_CASES = [
     ("deepcnn", {**SMALL_KWARGS["deepcnn"], "block": "skip"}),
     ("resnet9", SMALL_KWARGS["resnet9"]),
     ("resnet18", SMALL_KWARGS["resnet18"]),
+    ("airbench94", SMALL_KWARGS["airbench94"]),
 ]
 
 
@@ -42,16 +44,16 @@ def _seed() -> None:
 
 
 def test_small_kwargs_cover_every_model() -> None:
-    assert sorted(SMALL_KWARGS) == names() == ["deepcnn", "resnet18", "resnet9"]
+    assert sorted(SMALL_KWARGS) == names() == ["airbench94", "deepcnn", "resnet18", "resnet9"]
 
 
-@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18"])
+@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18", "airbench94"])
 def test_registered_model_default_output_shape(name: str) -> None:
     model = create(name)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18"])
+@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18", "airbench94"])
 def test_num_classes_sets_the_head(name: str) -> None:
     model = create(name, num_classes=7, **SMALL_KWARGS[name])
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 7)
@@ -124,7 +126,7 @@ def test_dropout_only_in_train_mode(model) -> None:
     assert torch.equal(model(x), model(x))
 
 
-@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18"])
+@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18", "airbench94"])
 def test_channels_last_matches_contiguous(name: str) -> None:
     model = create(name, **SMALL_KWARGS[name]).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -194,7 +196,7 @@ def test_describe_gives_precise_annotations() -> None:
     assert describe("resnet18")["width"].annotation is int
 
 
-@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18"])
+@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18", "airbench94"])
 def test_describe_every_argument_is_annotated_and_defaulted(name: str) -> None:
     params = describe(name)
     assert "num_classes" in params

@@ -1,12 +1,14 @@
 """Model zoo: build a registered model by name with `create(name, **kwargs)`; `describe(name)` lists its arguments."""
 
+from fasttrain.models.airbench import Airbench94
 from fasttrain.models.deepcnn import DeepCNN
 from fasttrain.models.layers import Mul, Residual, ResidualBlock, SkipConnectionBlock, conv_bn, conv_bn_relu
-from fasttrain.models.registry import create, describe, names, register
+from fasttrain.models.registry import create, data_init, describe, names, register
 from fasttrain.models.resnet import ResNet9, ResNet9FFCV, ResNet18
 from fasttrain.models.stats import count_params, flops_per_image
 
 __all__ = [
+    "Airbench94",
     "DeepCNN",
     "Mul",
     "Residual",
@@ -19,6 +21,7 @@ __all__ = [
     "conv_bn_relu",
     "count_params",
     "create",
+    "data_init",
     "describe",
     "flops_per_image",
     "names",

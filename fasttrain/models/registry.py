@@ -8,6 +8,7 @@ import inspect
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from fasttrain.errors import ConfigError
@@ -75,3 +76,25 @@ def create(name: str, **kwargs: object) -> nn.Module:
             f"model {name!r} has no argument(s) {', '.join(map(repr, unknown))}; valid arguments: {', '.join(valid)}"
         )
     return builder(**kwargs)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The user's module inside torch.compile (`._orig_mod`) and DataParallel/DDP (`.module`) wrappers."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, wrappers):
+            model = model.module
+        else:
+            return model
+
+
+def data_init(model: nn.Module, images: torch.Tensor) -> bool:
+    """Run the model's data-dependent initialisation on `images` (float32, normalised, unaugmented NCHW training
+    images) if it has one, and say whether it did. Wrappers (DDP, torch.compile) are looked through."""
+    init = getattr(_unwrapped(model), "data_init", None)
+    if init is None:
+        return False
+    init(images)
+    return True
