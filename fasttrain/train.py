@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -27,9 +26,9 @@ from tqdm import tqdm
 
 import fasttrain
 from fasttrain import models
-from fasttrain.config import Config, default_data_dir, help_text, load_config
+from fasttrain.config import Config, help_text, load_config
+from fasttrain.data import prepare as data_prepare
 from fasttrain.data.loaders import build_loaders
-from fasttrain.data.manifest import convert_args, verify
 from fasttrain.errors import ConfigError, FasttrainError
 from fasttrain.files import replacing
 from fasttrain.loop import checkpoint
@@ -88,25 +87,12 @@ def check_world(cfg: Config, world: int) -> int:
 
 
 def data_dir_for(cfg: Config) -> Path:
-    return Path(cfg.data.dir) if cfg.data.dir else default_data_dir(cfg.data.source, cfg.data.subset)
+    return data_prepare.data_dir_for(cfg.data)
 
 
 def prepare_data(cfg: Config, accelerator: Accelerator) -> dict:
-    """Convert the source to .beton once (main process, separate process: see notes on DatasetWriter), verify it."""
-    out = data_dir_for(cfg)
-    if accelerator.is_main_process and not (out / "manifest.json").exists():
-        print(f"fasttrain: no dataset in {out}; converting --data.source {cfg.data.source} (once)")
-        cmd = [sys.executable, "-m", "fasttrain.data.convert", *convert_args(cfg.data.source, out, cfg.data.subset)]
-        if subprocess.run(cmd).returncode != 0:
-            raise FasttrainError(f"converting --data.source {cfg.data.source} into {out} failed (message above)")
-    accelerator.wait_for_everyone()
-    manifest = verify(out)
-    if cfg.data.subset and manifest.get("subset") != cfg.data.subset:
-        raise ConfigError(
-            f"data.dir {out} holds subset={manifest.get('subset')}, but data.subset={cfg.data.subset}: "
-            f"choose another --data.dir, or rerun conversion with --force"
-        )
-    return manifest
+    """Convert the source on each node (fasttrain.data.prepare), verify it; returns the manifest."""
+    return data_prepare.prepare_data(cfg.data, accelerator)[1]
 
 
 def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
