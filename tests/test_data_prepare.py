@@ -370,6 +370,9 @@ def test_two_machines_each_convert_their_own_copy_and_train(shared_archive, tmp_
             "disabled",
             "--run.dir",
             str(tmp_path / "run"),
+            # Both "machines" share this host's run directory; checkpoints are not what this test is about.
+            "--checkpoint.every",
+            "0",
         ]
         output = subprocess.PIPE
         nodes.append(
