@@ -24,12 +24,12 @@ from test_train import ACCELERATE, TRAIN, env_for_tests
 
 from fasttrain.data import betons
 from fasttrain.data.convert import convert, main
-from fasttrain.data.manifest import beton_paths, field_names, verify
+from fasttrain.data.manifest import beton_paths, field_names, loader_pipelines, verify
 from fasttrain.errors import DatasetError
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 5
 
-# Each variant: (image field, label field) or the kind of damage. The first is FFCV's CIFAR example exactly:
+# Each variant: its fields, or the kind of damage. The first is FFCV's CIFAR example exactly:
 # DatasetWriter(path, {'image': RGBImageField(), 'label': IntField()}).from_indexed_dataset(torchvision_cifar10),
 # whose items are (PIL image, int).
 _WRITE_USER_FILES = """
@@ -42,19 +42,18 @@ from ffcv.fields import FloatField
 arrays, root = np.load(sys.argv[1]), sys.argv[2]
 
 class Items:
-    # (PIL image, label) like torchvision's CIFAR10; (PIL image,) when there are no labels.
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
+    # (PIL image, label) like torchvision's CIFAR10, or `arrange`(PIL image, label) in the fields' order.
+    def __init__(self, images, labels, arrange):
+        self.images, self.labels, self.arrange = images, labels, arrange
     def __len__(self):
         return len(self.images)
     def __getitem__(self, i):
-        image = Image.fromarray(self.images[i])
-        return (image,) if self.labels is None else (image, self.labels[i])
+        return self.arrange(Image.fromarray(self.images[i]), self.labels[i])
 
-def write(folder, name, fields, images, labels, **kwargs):
+def write(folder, name, fields, images, labels, arrange=lambda image, label: (image, label), **kwargs):
     import os
     os.makedirs(f"{root}/{folder}", exist_ok=True)
-    DatasetWriter(f"{root}/{folder}/{name}", fields, **kwargs).from_indexed_dataset(Items(images, labels))
+    DatasetWriter(f"{root}/{folder}/{name}", fields, **kwargs).from_indexed_dataset(Items(images, labels, arrange))
 
 for split in ("train", "test"):
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -66,7 +65,11 @@ for split in ("train", "test"):
           [float(v) for v in labels], num_workers=1)
     big = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)
     write("64px", name, {"image": RGBImageField(), "label": IntField()}, big, ints, num_workers=1)
-    write("no-label", name, {"image": RGBImageField()}, images, None, num_workers=1)
+    write("no-label", name, {"image": RGBImageField()}, images, ints, lambda im, y: (im,), num_workers=1)
+    write("reordered", name, {"label": IntField(), "weight": FloatField(), "image": RGBImageField()}, images, ints,
+          lambda im, y: (y, 0.5, im), num_workers=1)
+    write("two-int-fields", name, {"image": RGBImageField(), "y": IntField(), "index": IntField()}, images, ints,
+          lambda im, y: (im, y, 0), num_workers=1)
     write("label-out-of-range", name, {"image": RGBImageField(), "label": IntField()}, images,
           [v + 5 for v in ints], num_workers=1)
 """
@@ -78,7 +81,8 @@ def _python_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def user_files(tmp_path_factory) -> Path:
-    """Folders of users' .beton pairs (cifar_train.beton, cifar_test.beton), one per variant of _WRITE_USER_FILES."""
+    """Folders of users' .beton pairs (cifar_train.beton, cifar_test.beton), one per variant of _WRITE_USER_FILES,
+    and arrays.npz, the slice they were written from."""
     root = tmp_path_factory.mktemp("user")
     train_images, train_labels, _ = read_archive_slice(TRAIN_PER_CLASS, "train")
     test_images, test_labels, _ = read_archive_slice(TEST_PER_CLASS, "test")
@@ -97,7 +101,6 @@ def user_files(tmp_path_factory) -> Path:
         env=_python_env(),
         timeout=300,
     )
-    arrays.unlink()
     return root
 
 
@@ -154,6 +157,39 @@ def test_other_field_names_are_recorded_for_the_loaders(user_files, tmp_path):
     manifest = convert(pair(user_files / "renamed"), out, progress=False)
     assert manifest["field_names"] == {"image": "img", "label": "target"}
     assert field_names(out) == {"image": "img", "label": "target"}
+    assert loader_pipelines(out, "train", ["I"], ["L"]) == ({"img": ["I"], "target": ["L"]}, True)
+
+
+def test_loader_pipelines_read_any_field_order_exactly(user_files, tmp_path):
+    """Fields (label, weight, image): ffcv's Loader, given loader_pipelines, yields only labels and images, in the
+    file's order, and they are the slice the files were written from."""
+    from fasttrain.data.ffcv_compat import IntDecoder, Loader, OrderOption, SimpleRGBImageDecoder, Squeeze, ToTensor
+
+    out = tmp_path / "data"
+    convert(pair(user_files / "reordered"), out, progress=False)
+    pipelines, image_first = loader_pipelines(
+        out, "test", [SimpleRGBImageDecoder(), ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)]
+    )
+    assert image_first is False and pipelines["weight"] is None
+    loader = Loader(
+        str(beton_paths(out)["test"]),
+        batch_size=10 * TEST_PER_CLASS,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines=pipelines,
+    )
+    batch = next(iter(loader))
+    assert len(batch) == 2
+    labels, images = batch
+    expected = np.load(user_files / "arrays.npz")  # the slice the files were written from
+    np.testing.assert_array_equal(images.numpy(), expected["test_images"])
+    np.testing.assert_array_equal(labels.numpy(), expected["test_labels"])
+
+
+def test_several_fields_of_a_kind_need_the_usual_name(user_files, tmp_path):
+    with pytest.raises(DatasetError, match="has 2 IntField fields \\(y, index\\) and none is named `label`"):
+        convert(pair(user_files / "two-int-fields"), tmp_path / "data", progress=False)
 
 
 def test_directory_without_manifest_keeps_fasttrain_names(tmp_path):
@@ -386,3 +422,11 @@ def test_two_machines_each_convert_their_own_copy_and_train(shared_archive, tmp_
         assert verify(data_dir)["splits"]["train"]["count"] == 100
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
+
+
+def test_trainer_refuses_wrong_files_with_exit_2(user_files, tmp_path):
+    result = _train(pair(user_files / "64px"), tmp_path)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "image field `image` holds 64x64 images" in result.stderr
+    assert "failed (message above)" in result.stderr
+    assert "Traceback" not in result.stderr

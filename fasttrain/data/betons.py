@@ -40,6 +40,7 @@ class BetonSplit:
     """What fasttrain checked in one user file."""
 
     path: Path
+    fields: list[str]  # every field of the file, in the file's order (the order ffcv's Loader yields them in)
     image_field: str
     label_field: str
     count: int
@@ -159,4 +160,4 @@ def inspect(path: Path, num_classes: int = len(CIFAR10_CLASSES)) -> BetonSplit:
         )
     counts = np.bincount(labels, minlength=num_classes)
     per_class = {name: int(n) for name, n in zip(CIFAR10_CLASSES, counts)}
-    return BetonSplit(path, image_field, label_field, count, per_class)
+    return BetonSplit(path, list(reader.handlers), image_field, label_field, count, per_class)

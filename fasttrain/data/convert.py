@@ -145,6 +145,7 @@ def _beton_manifest(source: str, ref: sources.SourceRef) -> dict[str, Any]:
     splits = {
         split: {
             "file": str(split_file.path),
+            "fields": split_file.fields,
             "count": split_file.count,
             "per_class": split_file.per_class,
             "bytes": split_file.path.stat().st_size,

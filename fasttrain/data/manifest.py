@@ -119,6 +119,23 @@ def field_names(data_dir: Path | str) -> dict[str, str]:
     return {**DEFAULT_FIELD_NAMES, **read_manifest(data_dir).get("field_names", {})}
 
 
+def loader_pipelines(
+    data_dir: Path | str, split: str, image_ops: list, label_ops: list
+) -> tuple[dict[str, list | None], bool]:
+    """(`pipelines` for ffcv's Loader over `split`, image_first). The pipelines decode the image field with
+    `image_ops` and the label field with `label_ops` under the file's own field names, and disable every other field
+    (ffcv would otherwise yield it too). ffcv yields fields in the file's order: image_first is False when the
+    Loader yields (labels, images)."""
+    data_dir = Path(data_dir)
+    names = field_names(data_dir)
+    fields = list(DEFAULT_FIELD_NAMES.values())
+    if (data_dir / MANIFEST_NAME).exists():
+        fields = read_manifest(data_dir)["splits"].get(split, {}).get("fields", fields)
+    pipelines: dict[str, list | None] = {name: None for name in fields}
+    pipelines |= {names["image"]: image_ops, names["label"]: label_ops}
+    return pipelines, fields.index(names["image"]) < fields.index(names["label"])
+
+
 def verify(data_dir: Path | str) -> dict[str, Any]:
     """Check that `data_dir` holds a complete data set: manifest present, each .beton's size and sha256 as recorded.
 
