@@ -360,6 +360,21 @@ def test_a_waiting_process_finds_the_data_and_converts_nothing(user_files, tmp_p
     assert "result True" in output and "converting" not in output
 
 
+def test_existing_data_needs_no_lock(user_files, tmp_path):
+    """A data set already there (perhaps on a read-only filesystem) is used without creating the lock file."""
+    from fasttrain.config import DataSection
+    from fasttrain.data.prepare import conversion_lock, convert_once
+
+    out = tmp_path / "data"
+    convert(pair(user_files / "ffcv-example"), out, progress=False)
+    assert convert_once(DataSection(source="unused", dir=str(out)), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    (tmp_path / "a-file").write_text("")
+    unwritable = conversion_lock(tmp_path / "a-file" / "data")
+    with pytest.raises(DatasetError, match="cannot create the conversion lock .*; choose a writable --data.dir"):
+        unwritable.__enter__()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

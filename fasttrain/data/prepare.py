@@ -13,6 +13,7 @@ taken while a Loader in this process compiles with numba hangs.
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 from fasttrain.config import DataSection, default_data_dir
 from fasttrain.data import betons
 from fasttrain.data.manifest import MANIFEST_NAME, convert_args, verify
-from fasttrain.errors import ConfigError, FasttrainError
+from fasttrain.errors import ConfigError, DatasetError, FasttrainError
 from fasttrain.loop.distributed import any_rank
 
 
@@ -43,21 +44,28 @@ def data_dir_for(data: DataSection) -> Path:
 def conversion_lock(data_dir: Path) -> Iterator[Path]:
     """Hold an exclusive fcntl lock on `.<name>.lock` beside `data_dir` (created, parents too, if missing)."""
     lock_path = data_dir.parent / f".{data_dir.name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock_file:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DatasetError(
+            f"cannot create the conversion lock {lock_path} ({e.strerror}); choose a writable --data.dir"
+        ) from None
+    try:
         try:
-            fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             print(f"fasttrain: {data_dir} is being converted by another process (lock {lock_path}); waiting")
-            fcntl.lockf(lock_file, fcntl.LOCK_EX)
-        try:
-            yield lock_path
-        finally:
-            fcntl.lockf(lock_file, fcntl.LOCK_UN)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield lock_path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def convert_once(data: DataSection, data_dir: Path) -> bool:
     """Convert `data.source` into `data_dir` unless it holds a manifest; under the lock. False if conversion failed."""
+    if (data_dir / MANIFEST_NAME).exists():  # no lock needed (nor possible on a read-only data set)
+        return True
     with conversion_lock(data_dir):
         if (data_dir / MANIFEST_NAME).exists():
             return True
