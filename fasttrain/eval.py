@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from fasttrain import models
-from fasttrain.config import Config, build_config, default_data_dir
+from fasttrain.config import Config, build_config
 from fasttrain.errors import ConfigError, run_command
 from fasttrain.files import write_json
 
@@ -82,9 +82,10 @@ def command(argv: list[str]) -> int:
 
     accelerator, _ = make_accelerator(cfg)
     plan = resolve(cfg, accelerator)
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else default_data_dir(cfg.data.source, cfg.data.subset)
     from fasttrain.data.manifest import verify
+    from fasttrain.data.prepare import data_dir_for
 
+    data_dir = data_dir_for(cfg.data)
     verify(data_dir)
     _, eval_loader = build_loaders(
         data_dir, mode="resident", batch_size=1, eval_batch_size=cfg.data.eval_batch_size, workers=plan.workers,

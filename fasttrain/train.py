@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -29,10 +28,10 @@ from tqdm import tqdm
 
 import fasttrain
 from fasttrain import models
-from fasttrain.config import Config, default_data_dir, help_text, load_config
+from fasttrain.config import Config, help_text, load_config
 from fasttrain.data.loaders import build_loaders
-from fasttrain.data.manifest import convert_args, verify
-from fasttrain.errors import EXIT_NONFINITE, ConfigError, FasttrainError, NonFiniteLoss, run_command
+from fasttrain.data.prepare import prepare_data
+from fasttrain.errors import EXIT_NONFINITE, ConfigError, NonFiniteLoss, run_command
 from fasttrain.files import write_json
 from fasttrain.loop import checkpoint
 from fasttrain.loop.distributed import StopSignals, any_rank, from_main, inject_fault, sum_across_ranks, sync_buffers
@@ -56,24 +55,6 @@ def default_recipe() -> str:
         "minutes). Pass --config resnet9 for the full GPU recipe (hours on a CPU)."
     )
     return "cpu_quick"
-
-
-def prepare_data(data, accelerator: Accelerator) -> tuple[Path, dict]:
-    """Convert the source to .beton once (main process, separate process: see notes on DatasetWriter), verify it."""
-    out = Path(data.dir) if data.dir else default_data_dir(data.source, data.subset)
-    if accelerator.is_main_process and not (out / "manifest.json").exists():
-        print(f"fasttrain: no dataset in {out}; converting --data.source {data.source} (once)")
-        cmd = [sys.executable, "-m", "fasttrain.data.convert", *convert_args(data.source, out, data.subset)]
-        if subprocess.run(cmd).returncode != 0:
-            raise FasttrainError(f"converting --data.source {data.source} into {out} failed (message above)")
-    accelerator.wait_for_everyone()
-    manifest = verify(out)
-    if data.subset and manifest.get("subset") != data.subset:
-        raise ConfigError(
-            f"data.dir {out} holds subset={manifest.get('subset')}, but data.subset={data.subset}: "
-            f"choose another --data.dir, or rerun conversion with --force"
-        )
-    return out, manifest
 
 
 def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:

@@ -7,6 +7,11 @@ tree train/<class>/*, test/<class>/* as a folder or .tar/.tar.gz/.tgz archive (s
 also defines --subset exactly). DIR receives train.beton and test.beton (ffcv's DatasetWriter: field `image`, an
 RGBImageField stored raw, i.e. lossless; field `label`, an IntField) and manifest.json (fasttrain.data.manifest).
 
+SRC may also be existing ffcv .beton files, `TRAIN.beton,TEST.beton` or a folder holding a train and a test/val
+.beton (fasttrain.data.betons has the naming rule). Nothing is converted then: their fields are checked, and DIR
+receives only manifest.json, naming the files by absolute path with their sizes, sha256 and field names. The
+user's files and their folder are only read; training reads the files where they are. --subset does not apply.
+
 The conversion is atomic: everything is written and fsynced in a temporary sibling directory that is then renamed
 to DIR, so DIR is either absent or complete. Rerunning with the same source and subset reuses DIR (after checking
 its checksums); a DIR made from something else is an error unless --force replaces it.
@@ -34,7 +39,7 @@ from typing import Any
 import numpy as np
 
 import fasttrain
-from fasttrain.data import sources
+from fasttrain.data import betons, sources
 from fasttrain.data.manifest import (
     BETON_NAMES,
     MANIFEST_NAME,
@@ -100,10 +105,76 @@ def _manifest(source: str, dataset: sources.Dataset, subset: int | None, folder:
         "classes": dataset.classes,
         "image_shape": list(sources.IMAGE_SHAPE),
         "fields": {"image": "RGBImageField, raw (lossless) uint8 HWC", "label": "IntField, index into classes"},
+        "field_names": {"image": "image", "label": "label"},
         "splits": splits,
+        **_stamp(),
+    }
+
+
+def _stamp() -> dict[str, str]:
+    return {
         "fasttrain_version": fasttrain.__version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _check_beton_request(ref: sources.SourceRef, out: Path, subset: int | None) -> None:
+    if subset is not None:
+        raise DatasetError(
+            f"--subset does not apply to existing .beton files ({ref.given}): they are read whole, in place; "
+            f"drop --subset (--data.subset), or convert an image source such as a .tar.gz with --subset"
+        )
+    folders = {path.parent for path in ref.betons.values()}
+    if out.resolve() in folders:
+        raise DatasetError(
+            f"--out {out} is the folder of your .beton files, and fasttrain never writes there; "
+            f"choose another --out (it will hold only manifest.json)"
+        )
+
+
+def _beton_manifest(source: str, ref: sources.SourceRef) -> dict[str, Any]:
+    """The manifest of the user's own .beton files, after checking their fields (fasttrain.data.betons)."""
+    checked = {split: betons.inspect(path) for split, path in ref.betons.items()}
+    train, test = checked["train"], checked["test"]
+    if (train.image_field, train.label_field) != (test.image_field, test.label_field):
+        raise DatasetError(
+            f"{train.path} keeps images and labels in fields `{train.image_field}`/`{train.label_field}` but "
+            f"{test.path} in `{test.image_field}`/`{test.label_field}`; fasttrain reads both files with the same "
+            f"field names: write them with the same ones"
+        )
+    splits = {
+        split: {
+            "file": str(split_file.path),
+            "fields": split_file.fields,
+            "count": split_file.count,
+            "per_class": split_file.per_class,
+            "bytes": split_file.path.stat().st_size,
+            "sha256": sha256_file(split_file.path),
+        }
+        for split, split_file in checked.items()
+    }
+    return {
+        "source": {"given": source, "kind": "beton", "path": ref.identity},
+        "subset": None,
+        "subset_rule": None,
+        "classes": list(betons.CIFAR10_CLASSES),
+        "image_shape": list(sources.IMAGE_SHAPE),
+        "fields": {
+            "image": f"RGBImageField `{train.image_field}` of the user's file, 32x32",
+            "label": f"IntField `{train.label_field}` of the user's file, index into classes",
+        },
+        "field_names": {"image": train.image_field, "label": train.label_field},
+        "splits": splits,
+        **_stamp(),
+    }
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    with open(folder / MANIFEST_NAME, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _check_destination(
@@ -130,7 +201,7 @@ def _check_destination(
         manifest = read_manifest(out)
     except DatasetError as e:
         raise DatasetError(f"{e}\nTo replace it: `{convert_command(source, out, subset, force=True)}`") from None
-    if same_source(manifest, ref.kind, str(ref.path) if ref.path else None, subset):
+    if same_source(manifest, ref.kind, ref.identity, subset):
         return manifest
     old = manifest.get("source", {})
     raise DatasetError(
@@ -169,31 +240,38 @@ def convert(
     start = time.perf_counter()
     out = Path(out).expanduser().absolute()
     ref = sources.resolve(source)
+    if ref.kind == "beton":
+        _check_beton_request(ref, out, subset)
     existing = _check_destination(out, source, ref, subset, force)
     if existing is not None:
         verify(out)
         print(f"{out} already holds this conversion (source {source!r}, subset {subset}): reused, not rewritten")
         return existing
 
-    dataset = sources.load(ref, subset, Path(cache_dir) if cache_dir else None, progress)
+    if ref.kind == "beton":
+        manifest = _beton_manifest(source, ref)
+        dataset = None
+    else:
+        dataset = sources.load(ref, subset, Path(cache_dir) if cache_dir else None, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
-        for split, name in BETON_NAMES.items():
-            _write_beton(tmp / name, dataset.splits[split], progress)
-            fsync_path(tmp / name)
-        manifest = _manifest(source, dataset, subset, tmp)
-        with open(tmp / MANIFEST_NAME, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if dataset is not None:
+            for split, name in BETON_NAMES.items():
+                _write_beton(tmp / name, dataset.splits[split], progress)
+                fsync_path(tmp / name)
+            manifest = _manifest(source, dataset, subset, tmp)
+        _write_manifest(tmp, manifest)
         fsync_path(tmp)
         _install(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
 
+    if dataset is None:
+        files = " and ".join(f"{s['file']} ({s['count']} {split})" for split, s in manifest["splits"].items())
+        print(f"recorded {out / MANIFEST_NAME}: {files}, read in place, in {time.perf_counter() - start:.1f} s")
+        return manifest
     megabytes = sum(s["bytes"] for s in manifest["splits"].values()) / 1e6
     counts = ", ".join(f"{s['count']} {split}" for split, s in manifest["splits"].items())
     print(f"wrote {out}: {counts} images ({dataset.kind}), {megabytes:.1f} MB, in {time.perf_counter() - start:.1f} s")
@@ -206,9 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--source",
         default="cifar10",
         help="cifar10 (torchvision download), a cifar-10-batches-py folder, cifar-10-python.tar.gz, "
-        "or an ImageFolder train/ test/ tree as a folder or .tar/.tar.gz/.tgz (default: cifar10)",
+        "an ImageFolder train/ test/ tree as a folder or .tar/.tar.gz/.tgz, or existing ffcv files as "
+        "TRAIN.beton,TEST.beton or a folder holding a *train* and a *test*/*val* .beton (default: cifar10)",
     )
-    parser.add_argument("--out", required=True, help="directory to create (train.beton, test.beton, manifest.json)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="directory to create (train.beton, test.beton, manifest.json; only manifest.json for .beton sources)",
+    )
     parser.add_argument(
         "--subset",
         type=int,

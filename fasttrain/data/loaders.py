@@ -34,8 +34,8 @@ from typing import Protocol
 
 import torch
 
-from fasttrain.data.manifest import BETON_NAMES, convert_command
-from fasttrain.errors import ConfigError, DatasetError
+from fasttrain.data.manifest import beton_paths
+from fasttrain.errors import ConfigError
 
 MODES = ("ffcv", "gpu")
 
@@ -81,18 +81,6 @@ def _check_arguments(
         raise ConfigError(f"translate must be >= 0 and cutout in [0, 32] (got {translate}, {cutout})")
     if not 0 <= rank < world_size or (not distributed and world_size != 1):
         raise ConfigError(f"rank {rank} / world_size {world_size} is impossible with distributed={distributed}")
-
-
-def beton_paths(data_dir: Path | str) -> dict[str, Path]:
-    data_dir = Path(data_dir)
-    paths = {split: data_dir / name for split, name in BETON_NAMES.items()}
-    for path in paths.values():
-        if not path.is_file():
-            raise DatasetError(
-                f"{path} is missing; convert the data set with "
-                f"`{convert_command('cifar10', data_dir)}` (or --source PATH for a local copy)"
-            )
-    return paths
 
 
 def build_loaders(

@@ -5,6 +5,8 @@ Sources (`resolve` decides which one a string names):
 - a `cifar-10-batches-py` folder, a folder that holds one, or `cifar-10-python.tar.gz`: the pickles, read directly.
 - an ImageFolder tree `train/<class>/*.png|jpg|jpeg` and `test/<class>/...`, as a folder or a `.tar`/`.tar.gz`/`.tgz`
   archive (read in place, never extracted), optionally inside one wrapping folder.
+- existing ffcv .beton files, `TRAIN.beton,TEST.beton` or a folder holding a train and a test/val .beton: not loaded
+  here but checked and read in place (fasttrain.data.betons defines the rules).
 
 Classes are numbered in sorted name order. Sample order is the source's own: for ImageFolder trees class by class,
 each class's files sorted by path (torchvision's ImageFolder order); for pickles the order of the batch files.
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fasttrain.data import betons
 from fasttrain.errors import DatasetError
 
 SPLITS = ("train", "test")
@@ -65,18 +68,29 @@ class SourceRef:
     """What a `--source` string names, before anything is read: the identity a manifest records."""
 
     given: str
-    kind: str  # torchvision | folder | tar (folder/tar are refined into the Dataset kinds once read)
+    kind: str  # torchvision | folder | tar | beton (folder/tar are refined into the Dataset kinds once read)
     path: Path | None
+    betons: dict[str, Path] | None = None  # kind beton: the user's files, {"train": ..., "test": ...}, absolute
+
+    @property
+    def identity(self) -> str | None:
+        """What the manifest records as the source's path: two sources are the same when these are equal."""
+        if self.betons is not None:
+            return ",".join(str(self.betons[split]) for split in SPLITS)
+        return str(self.path) if self.path else None
 
 
 def resolve(source: str) -> SourceRef:
     if source == "cifar10":
         return SourceRef(source, "torchvision", None)
+    if betons.names_betons(source):
+        return SourceRef(source, "beton", None, betons.find_pair(source))
     path = Path(source).expanduser()
     if not path.exists():
         raise DatasetError(
             f"data source {source!r} does not exist. Pass `cifar10` (download through torchvision) or the path of "
-            f"a cifar-10-python.tar.gz, a cifar-10-batches-py folder, or an ImageFolder tree/archive"
+            f"a cifar-10-python.tar.gz, a cifar-10-batches-py folder, an ImageFolder tree/archive, "
+            f"or existing ffcv files as TRAIN.beton,TEST.beton"
         )
     path = path.resolve()
     if path.is_dir():
@@ -92,6 +106,8 @@ def resolve(source: str) -> SourceRef:
 def load(ref: SourceRef, subset: int | None = None, cache_dir: Path | None = None, progress: bool = True) -> Dataset:
     if subset is not None and subset < 1:
         raise DatasetError(f"--subset must be a positive number of images per split, got {subset}")
+    if ref.kind == "beton":
+        raise ValueError("existing .beton files are read in place, not loaded: see fasttrain.data.convert")
     if ref.kind == "torchvision":
         batches_dir = download_cifar10(Path(cache_dir or DEFAULT_CACHE_DIR).expanduser())
         files = _FolderFiles(batches_dir)
