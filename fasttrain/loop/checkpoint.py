@@ -86,7 +86,11 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-        fsync_tree(tmp)
+        # Walk the directory only once every rank has finished writing (a walk during another rank's write meets
+        # its temporary files vanishing); one process per node flushes what that node wrote.
+        accelerator.wait_for_everyone()
+        if accelerator.is_local_main_process:
+            fsync_tree(tmp)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return None
@@ -112,7 +116,8 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
         # safetensors reports a full disk as its own error type, not OSError: recognise both.
         if not (isinstance(e, OSError) or "I/O error" in str(e)):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = newest_intact(ckpt_root)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no intact earlier checkpoint exists"
         reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
