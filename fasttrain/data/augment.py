@@ -106,15 +106,17 @@ class Augmenter:
         pad, size = aug.translate, aug.image_size
         self.padded_size = size + 2 * pad
         nhwc = images.permute(0, 2, 3, 1)
+        pixels_per_image = self.padded_size * self.padded_size
+        self.cutout_pixel = self.size * pixels_per_image  # the table's last row: one pixel of the cutout colour
+        self.table = torch.empty((self.cutout_pixel + 1, self.channels), dtype=torch.uint8, device=self.device)
+        self.table[-1] = self._colour(aug.cutout_fill)
+        padded = self.table[:-1].view(self.size, self.padded_size, self.padded_size, self.channels)
         if aug.translate_fill == "reflect":
             reflected = _reflected(size, pad, self.device)
-            padded = nhwc[:, reflected][:, :, reflected]
+            padded.copy_(nhwc[:, reflected][:, :, reflected])
         else:
-            padded = self._colour(aug.translate_fill).expand(self.size, self.padded_size, self.padded_size, -1)
-            padded = padded.contiguous()
+            padded.copy_(self._colour(aug.translate_fill).expand_as(padded))
             padded[:, pad : pad + size, pad : pad + size] = nhwc
-        self.cutout_pixel = padded.numel() // self.channels
-        self.table = torch.cat([padded.reshape(-1, self.channels), self._colour(aug.cutout_fill).view(1, -1)])
         fits_int32 = self.table.shape[0] < 2**31
         self.index_dtype = torch.int32 if fits_int32 else torch.int64
         self._cutout_pixel = torch.tensor(self.cutout_pixel, dtype=self.index_dtype, device=self.device)

@@ -1,7 +1,8 @@
 """Mode "resident": the whole data set read once through ffcv and kept on the device (a GPU's, or the CPU's RAM).
 
-Each rank holds every image (uint8 [N,3,32,32]: 150 MB for CIFAR-10's training set) and reads only its shard of
-each epoch's order (fasttrain.data.sharding, the same order as mode "stream"). When an epoch starts (`iter()`),
+Each rank holds every training image (uint8, 150 MB for CIFAR-10; 194 MB as the augmenter's pixel table padded by
+2 px for translation, see fasttrain.data.augment) and reads only its shard of each epoch's order
+(fasttrain.data.sharding, the same order as mode "stream"). When an epoch starts (`iter()`),
 the loader gathers the shard in that order and augments all of it at once (fasttrain.data.augment, in chunks of
 `CHUNK_IMAGES` to bound temporary memory); each step then only slices the next contiguous batch and normalises it,
 with no host-device synchronisation. Augmentation parameters come from a generator on the device seeded with
@@ -130,7 +131,7 @@ class ResidentTrainLoader:
             mirrored = alternating_mirrored(self._flip_bits.index_select(0, order), epoch)
         draws = self.augmenter.draw(order.shape[0], generator, mirrored)
         size = self.augmenter.aug.image_size
-        nhwc = torch.empty((order.shape[0], size, size, 3), dtype=torch.uint8, device=self.device)
+        nhwc = torch.empty((order.shape[0], size, size, self.augmenter.channels), dtype=torch.uint8, device=self.device)
         for start in range(0, order.shape[0], CHUNK_IMAGES):
             end = start + CHUNK_IMAGES
             self.augmenter.apply(order[start:end], draws.slice(start, end), out=nhwc[start:end])
