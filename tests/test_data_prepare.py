@@ -334,7 +334,6 @@ def test_training_on_ffcv_example_files(user_files, tmp_path):
     assert snapshot(folder) == before
 
 
-@pytest.mark.xfail(reason="needs loader field-name wiring", strict=True)
 def test_training_on_files_with_other_field_names(user_files, tmp_path):
     result = _train(pair(user_files / "renamed"), tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,23 +1,26 @@
-"""Mode "ffcv": streaming loaders built from ffcv's Loader; augmentation runs in ffcv's numba-compiled CPU ops.
+"""Mode "stream": loaders built from ffcv's Loader; augmentation runs in ffcv's numba-compiled CPU ops.
 
-Image pipeline: SimpleRGBImageDecoder -> RandomHorizontalFlip -> RandomTranslate -> Cutout -> ToTensor
+Image pipeline: SimpleRGBImageDecoder -> RandomHorizontalFlip -> RandomTranslate(fill) -> Cutout(fill) -> ToTensor
 -> ToDevice (CUDA only: on CPU it would only add a copy) -> ToTorchImage (a channels-last view of the uint8 NHWC
 buffer), then Normalizer converts to float32 and normalises with torch ops on the device. Labels: IntDecoder ->
 ToTensor -> Squeeze -> ToDevice (CUDA only).
 
 ffcv reuses its output buffers between batches: the normalised images are fresh tensors, but labels may be
-overwritten by later batches, so consumers must clone anything they keep past the next step.
+overwritten by later batches, so consumers must clone anything they keep past the next step. The evaluation loader
+pads its last batch to the full batch size (fresh tensors), so that every evaluation batch has one shape.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from fasttrain.data.augment import FILL_COLOURS, Augmentation
 from fasttrain.data.ffcv_compat import (
     Cutout,
     IntDecoder,
@@ -33,6 +36,7 @@ from fasttrain.data.ffcv_compat import (
     torch_threads_kept,
 )
 from fasttrain.data.normalize import Normalizer
+from fasttrain.data.resident import check_sample_count, read_beton, standard_fields
 from fasttrain.data.sharding import eval_counts
 
 
@@ -50,7 +54,7 @@ def check_process_group(rank: int, world_size: int) -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
-            "mode 'ffcv' with distributed=True needs torch.distributed's default process group: "
+            "mode 'stream' with distributed=True needs torch.distributed's default process group: "
             "create it (e.g. Accelerator()) before build_loaders"
         )
     if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
@@ -74,20 +78,16 @@ class _FfcvLoader:
         distributed: bool,
         channels_last: bool,
         drop_last: bool,
+        fields: Callable[[list, list], tuple[dict, bool]] = standard_fields,
     ):
+        self.path, self.workers, self.fields = path, workers, fields
         self.device = device
         self.batch_size = batch_size
         self._normalize = Normalizer(device, channels_last)
-        pipelines = {
-            "image": [
-                SimpleRGBImageDecoder(),
-                *image_ops,
-                ToTensor(),
-                *_to_device(device),
-                ToTorchImage(channels_last=True),
-            ],
-            "label": [IntDecoder(), ToTensor(), Squeeze(1), *_to_device(device)],
-        }
+        pipelines, self._image_first = fields(
+            [SimpleRGBImageDecoder(), *image_ops, ToTensor(), *_to_device(device), ToTorchImage(channels_last=True)],
+            [IntDecoder(), ToTensor(), Squeeze(1), *_to_device(device)],
+        )
         with torch_threads_kept():
             self._loader = Loader(
                 str(path),
@@ -111,18 +111,31 @@ class _FfcvLoader:
             batches = iter(self._loader)
         return self._drain(batches)
 
-    @staticmethod
-    def _drain(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _drain(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         finished = False
         try:
-            yield from batches
+            for first, second in batches:
+                yield (first, second) if self._image_first else (second, first)
             finished = True
         finally:
             if not finished:
                 batches.close()  # stops ffcv's worker thread when the consumer leaves the epoch early
 
 
-class FfcvTrainLoader(_FfcvLoader):
+def _image_ops(augmentation: Augmentation) -> list:
+    if augmentation.flip not in (None, "random") or augmentation.translate_fill == "reflect":
+        raise ValueError(f"ffcv cannot apply {augmentation}")
+    ops = []
+    if augmentation.flip:
+        ops.append(RandomHorizontalFlip(0.5))
+    if augmentation.translate:
+        ops.append(RandomTranslate(padding=augmentation.translate, fill=FILL_COLOURS[augmentation.translate_fill]))
+    if augmentation.cutout:
+        ops.append(Cutout(augmentation.cutout, fill=FILL_COLOURS[augmentation.cutout_fill]))
+    return ops
+
+
+class StreamTrainLoader(_FfcvLoader):
     """(images, labels) in random order (ffcv RANDOM, seed + epoch: see fasttrain.data.sharding), augmented."""
 
     def __init__(
@@ -132,27 +145,18 @@ class FfcvTrainLoader(_FfcvLoader):
         batch_size: int,
         workers: int,
         device: torch.device,
-        flip: bool,
-        translate: int,
-        cutout: int,
+        augmentation: Augmentation,
         seed: int,
         distributed: bool,
         world_size: int,
         channels_last: bool,
         drop_last: bool,
+        fields: Callable[[list, list], tuple[dict, bool]] = standard_fields,
     ):
-        ops = [
-            op
-            for op, wanted in (
-                (RandomHorizontalFlip(0.5), flip),
-                (RandomTranslate(padding=translate), translate),
-                (Cutout(cutout), cutout),
-            )
-            if wanted
-        ]
         super().__init__(
             path,
-            image_ops=ops,
+            fields=fields,
+            image_ops=_image_ops(augmentation),
             batch_size=batch_size,
             workers=workers,
             device=device,
@@ -178,9 +182,27 @@ class FfcvTrainLoader(_FfcvLoader):
         batches = self._epoch_batches()
         return ((self._normalize(images), labels) for images, labels in batches)
 
+    def warm_up(self) -> float:
+        """Runs ffcv's pipeline (numba compiles it on the first batch) for one batch, then puts the epoch counter
+        back; returns the seconds it took, to be reported apart from training time."""
+        start, epoch = time.perf_counter(), self.epoch
+        batches = self._epoch_batches()
+        next(batches, None)
+        batches.close()
+        self.epoch = epoch
+        return time.perf_counter() - start
 
-class FfcvEvalLoader(_FfcvLoader):
-    """Sequential, unaugmented, (images, labels, valid); ffcv's distributed padding is marked invalid."""
+    def sample_images(self, n: int) -> torch.Tensor:
+        """The first n training images in file order, unaugmented and normalised (float32 [n,3,H,W] on the device):
+        read from the file by every rank alike."""
+        check_sample_count(n, self.dataset_size)
+        images, _ = read_beton(self.path, self.workers, limit=n, fields=self.fields)
+        return self._normalize(images.to(self.device))
+
+
+class StreamEvalLoader(_FfcvLoader):
+    """Sequential, unaugmented, (images, labels, valid); ffcv's distributed padding and the padding of the last
+    batch to the full batch size are marked invalid."""
 
     def __init__(
         self,
@@ -193,9 +215,11 @@ class FfcvEvalLoader(_FfcvLoader):
         rank: int,
         world_size: int,
         channels_last: bool,
+        fields: Callable[[list, list], tuple[dict, bool]] = standard_fields,
     ):
         super().__init__(
             path,
+            fields=fields,
             image_ops=[],
             batch_size=batch_size,
             workers=workers,
@@ -207,18 +231,23 @@ class FfcvEvalLoader(_FfcvLoader):
             drop_last=False,
         )
         if distributed:
-            self.num_samples, self.num_yielded = eval_counts(self.dataset_size, rank, world_size)
+            self.num_samples, from_ffcv = eval_counts(self.dataset_size, rank, world_size)
         else:
-            self.num_samples = self.num_yielded = self.dataset_size
+            self.num_samples = from_ffcv = self.dataset_size
+        self.batch_size = max(1, min(batch_size, from_ffcv))  # ffcv yields batches of at most this size
+        self.num_yielded = len(self) * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         batches = self._epoch_batches()
-        return self._with_valid(batches)
+        return self._padded(batches)
 
-    def _with_valid(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _padded(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         start = 0
         for images, labels in batches:
             n = labels.shape[0]
-            valid = torch.arange(start, start + n, device=self.device) < self.num_samples
-            start += n
+            if n < self.batch_size:  # the last batch: pad with black images of label 0
+                images = torch.cat([images, images.new_zeros((self.batch_size - n, *images.shape[1:]))])
+                labels = torch.cat([labels, labels.new_zeros(self.batch_size - n)])
+            valid = torch.arange(start, start + self.batch_size, device=self.device) < self.num_samples
+            start += self.batch_size
             yield self._normalize(images), labels, valid
