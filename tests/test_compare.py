@@ -87,6 +87,11 @@ def test_tiny_grid_writes_table_figure_and_one_run_per_cell(tmp_path: Path, cifa
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("reused the finished run") == 4 and "training (" not in again.stdout
 
+    # Other settings into the same --out: refused before training, naming what differs.
+    changed = run_compare([*args, "--train.lr", "0.1"], tmp_path)
+    assert changed.returncode == 2 and "train.lr" in changed.stderr and "another --out" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
+
 
 def test_failed_cell_is_in_the_table_and_the_exit_code(tmp_path: Path, cifar_slice_dir: Path) -> None:
     grid = write_grid(
@@ -136,12 +141,14 @@ def test_options_the_grid_sets_cannot_be_passed_through(tmp_path: Path, capsys, 
     assert option in capsys.readouterr().err
 
 
-def test_dry_run_prints_each_cells_trainer_command(capsys) -> None:
-    assert main(["--grid", "connections_cpu", "--dry-run", "--data.dir", "somewhere"]) == 0
+def test_dry_run_prints_each_cells_trainer_command(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["--grid", "connections_cpu", "--out", str(out), "--dry-run", "--data.dir", "somewhere"]) == 0
     commands = capsys.readouterr().out.strip().splitlines()
     grid = load_grid("connections_cpu")
     assert len(commands) == len(grid.blocks) * len(grid.blocks_per_stage) * len(grid.dropout)
     assert all("-m fasttrain.train --config cpu_quick" in c and "--data.dir somewhere" in c for c in commands)
+    assert not out.exists()
 
 
 def test_shipped_grids_load_and_the_deepest_cpu_cells_have_20_conv_layers() -> None:

@@ -166,7 +166,7 @@ def plot_comparison(results: list[CellResult], path: Path) -> Path:
     depths = sorted({r.cell.depth for r in results})
     dropouts = sorted({r.cell.dropout for r in results})
     figure = Figure(figsize=(3.6 * len(depths), 6.0), layout="constrained")
-    axes = figure.subplots(2, len(depths), squeeze=False)
+    axes = figure.subplots(2, len(depths), squeeze=False, sharey="row")  # depths compared on one scale
     for column, depth in enumerate(depths):
         top, bottom = axes[0][column], axes[1][column]
         top.set_title(f"{depth} conv layers")
