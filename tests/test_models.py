@@ -12,6 +12,7 @@ from torch import nn
 from fasttrain.errors import ConfigError
 from fasttrain.models import (
     DeepCNN,
+    PlainBlock,
     ResidualBlock,
     SkipConnectionBlock,
     count_params,
@@ -30,6 +31,7 @@ SMALL_KWARGS: dict[str, dict[str, object]] = {
     "resnet18": {"width": 8},
 }
 COMPILE_CASES = [
+    ("deepcnn", {**SMALL_KWARGS["deepcnn"], "block": "plain"}),
     ("deepcnn", {**SMALL_KWARGS["deepcnn"], "block": "residual"}),
     ("deepcnn", {**SMALL_KWARGS["deepcnn"], "block": "skip"}),
     ("resnet9", SMALL_KWARGS["resnet9"]),
@@ -59,7 +61,7 @@ def test_num_classes_sets_the_head(name: str) -> None:
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 7)
 
 
-@pytest.mark.parametrize("block", ["residual", "skip"])
+@pytest.mark.parametrize("block", ["plain", "residual", "skip"])
 @pytest.mark.parametrize("widths,blocks", [((8,), (1,)), ((8, 16, 24), (1, 3, 2)), ((12, 12, 12, 12), (1, 1, 1, 1))])
 def test_deepcnn_any_widths_and_blocks(widths: tuple[int, ...], blocks: tuple[int, ...], block: str) -> None:
     model = DeepCNN(widths=widths, blocks=blocks, block=block, stem_channels=6)
@@ -110,6 +112,53 @@ def test_residual_block_projection_shortcut_is_used() -> None:
         block.branch[-1].bias.zero_()
     x = torch.randn(2, 4, 8, 8)
     torch.testing.assert_close(block(x), F.relu(block.shortcut(x)))
+
+
+def _zero_conv_outputs(block: nn.Module) -> None:
+    for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d)):
+        conv.register_forward_hook(lambda _module, _inputs, output: torch.zeros_like(output))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_plain_block_has_no_identity_path(mode: str) -> None:
+    x = torch.randn(2, 8, 8, 8)
+    plain, residual = PlainBlock(8, 8).train(mode == "train"), ResidualBlock(8, 8).train(mode == "train")
+    _zero_conv_outputs(plain)
+    _zero_conv_outputs(residual)
+    with torch.no_grad():
+        assert torch.equal(plain(x), torch.zeros_like(x))
+        residual_out = residual(x)
+    assert residual_out.abs().sum() > 0
+    torch.testing.assert_close(residual_out, F.relu(x))
+
+
+def test_plain_block_is_the_residual_branch() -> None:
+    plain, residual = PlainBlock(4, 8, stride=2, dropout=0.2), ResidualBlock(4, 8, stride=2, dropout=0.2)
+    plain.branch.load_state_dict(residual.branch.state_dict())
+    plain.eval()
+    residual.eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), F.relu(residual.branch(x)))
+
+
+def _projection_params(model: nn.Module) -> int:
+    return sum(
+        count_params(block.shortcut)
+        for block in model.modules()
+        if isinstance(block, ResidualBlock) and not isinstance(block.shortcut, nn.Identity)
+    )
+
+
+@pytest.mark.parametrize("widths,stem", [((8, 8, 8), 8), ((8, 16, 24), 6)], ids=["equal_widths", "widening"])
+def test_plain_params_are_residual_params_less_the_projections(widths: tuple[int, ...], stem: int) -> None:
+    plain = DeepCNN(widths=widths, blocks=(3, 3, 3), block="plain", stem_channels=stem)
+    residual = DeepCNN(widths=widths, blocks=(3, 3, 3), block="residual", stem_channels=stem)
+    projections = _projection_params(residual)
+    assert (projections == 0) == (widths == (8, 8, 8) and stem == 8)
+    assert count_params(plain) == count_params(residual) - projections
+    assert not any(isinstance(m, ResidualBlock) for m in plain.modules())
+    assert sum(isinstance(m, PlainBlock) for m in plain.modules()) == 9
 
 
 @pytest.mark.parametrize(
@@ -183,7 +232,7 @@ def test_describe_gives_precise_annotations() -> None:
     assert annotations == {
         "widths": tuple[int, ...],
         "blocks": tuple[int, ...],
-        "block": Literal["residual", "skip"],
+        "block": Literal["plain", "residual", "skip"],
         "dropout": float,
         "stem_channels": int | None,
         "num_classes": int,

@@ -2,7 +2,7 @@
 
 from fasttrain.models.airbench import Airbench94
 from fasttrain.models.deepcnn import DeepCNN
-from fasttrain.models.layers import Mul, Residual, ResidualBlock, SkipConnectionBlock, conv_bn, conv_bn_relu
+from fasttrain.models.layers import Mul, PlainBlock, Residual, ResidualBlock, SkipConnectionBlock, conv_bn, conv_bn_relu
 from fasttrain.models.registry import create, data_init, describe, names, register
 from fasttrain.models.resnet import ResNet9, ResNet9FFCV, ResNet18
 from fasttrain.models.stats import count_params, flops_per_image
@@ -11,6 +11,7 @@ __all__ = [
     "Airbench94",
     "DeepCNN",
     "Mul",
+    "PlainBlock",
     "Residual",
     "ResNet9",
     "ResNet9FFCV",

@@ -1,4 +1,4 @@
-"""The tutorial-style deep CNN: a stem, one stage of residual or skip-connection blocks per width, a pooled head."""
+"""The tutorial-style deep CNN: a stem, one stage of plain, residual or skip blocks per width, a pooled head."""
 
 from typing import Literal
 
@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 from fasttrain.errors import ConfigError
-from fasttrain.models.layers import ResidualBlock, SkipConnectionBlock, conv_bn_relu
+from fasttrain.models.layers import PlainBlock, ResidualBlock, SkipConnectionBlock, conv_bn_relu
 from fasttrain.models.registry import register
+
+# plain: two convs, nothing added back; residual: the input added back; skip: the input concatenated.
+BLOCKS = ("plain", "residual", "skip")
 
 
 def _check_arguments(
@@ -26,8 +29,8 @@ def _check_arguments(
     for arg, values in (("widths", widths), ("blocks", blocks)):
         if any(v <= 0 for v in values):
             raise ConfigError(f"deepcnn: every entry of {arg} must be positive, got {values}")
-    if block not in ("residual", "skip"):
-        raise ConfigError(f"deepcnn: block must be 'residual' or 'skip', got {block!r}")
+    if block not in BLOCKS:
+        raise ConfigError(f"deepcnn: block must be one of {', '.join(BLOCKS)}, got {block!r}")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"deepcnn: dropout must be in [0, 1), got {dropout}")
     for arg, value in (("stem_channels", stem_channels), ("num_classes", num_classes), ("in_channels", in_channels)):
@@ -35,10 +38,17 @@ def _check_arguments(
             raise ConfigError(f"deepcnn: {arg} must be positive, got {value}")
 
 
-def _residual_stage(in_channels: int, width: int, count: int, dropout: float, batchnorm: bool) -> nn.Sequential:
+def _two_conv_stage(
+    block_class: type[PlainBlock | ResidualBlock],
+    in_channels: int,
+    width: int,
+    count: int,
+    dropout: float,
+    batchnorm: bool,
+) -> nn.Sequential:
     return nn.Sequential(
         *(
-            ResidualBlock(in_channels if i == 0 else width, width, dropout=dropout, batchnorm=batchnorm)
+            block_class(in_channels if i == 0 else width, width, dropout=dropout, batchnorm=batchnorm)
             for i in range(count)
         )
     )
@@ -59,6 +69,10 @@ def _skip_stage(in_channels: int, width: int, count: int, batchnorm: bool) -> nn
 class DeepCNN(nn.Module):
     """stem (conv3x3-BN-ReLU-maxpool2) -> stages (maxpool2 between them) -> global avg pool -> dropout -> linear.
 
+    `block`: "plain" (two convs), "residual" (the same two convs plus the input) or "skip" (the input concatenated
+    to two conv-BN-ReLUs, a 1x1 transition ending each stage). `dropout` sits between the two convs of plain and
+    residual blocks and before the head; skip blocks have it before the head only.
+
     `batchnorm=False` drops every BatchNorm (convs get biases): a model whose output does not depend on how a batch
     is split across processes, which the DDP-equivalence test needs.
     """
@@ -67,7 +81,7 @@ class DeepCNN(nn.Module):
         self,
         widths: tuple[int, ...] = (32, 64, 128),
         blocks: tuple[int, ...] = (2, 2, 2),
-        block: Literal["residual", "skip"] = "residual",
+        block: Literal["plain", "residual", "skip"] = "residual",
         dropout: float = 0.0,
         stem_channels: int | None = None,
         num_classes: int = 10,
@@ -85,8 +99,9 @@ class DeepCNN(nn.Module):
         for i, (width, count) in enumerate(zip(widths, blocks)):
             if i > 0:
                 stages.append(nn.MaxPool2d(2))
-            if block == "residual":
-                stages.append(_residual_stage(channels, width, count, dropout, batchnorm))
+            if block in ("plain", "residual"):
+                block_class = PlainBlock if block == "plain" else ResidualBlock
+                stages.append(_two_conv_stage(block_class, channels, width, count, dropout, batchnorm))
             else:
                 stages.append(_skip_stage(channels, width, count, batchnorm))
             channels = width

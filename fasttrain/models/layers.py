@@ -52,6 +52,28 @@ class ResidualBlock(nn.Module):
         return self.relu(self.branch(x) + self.shortcut(x))
 
 
+class PlainBlock(nn.Module):
+    """ReLU(branch(x)), the branch exactly ResidualBlock's: the same two convs with nothing added back.
+
+    The connection-free baseline: no identity path and no projection shortcut, so a stage of plain blocks differs
+    from a residual stage only in the connection (and has fewer parameters by the projections it lacks).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0, batchnorm: bool = True
+    ) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(
+            *conv_bn_relu(in_channels, out_channels, stride=stride, batchnorm=batchnorm),
+            nn.Dropout(dropout),
+            *conv_bn(out_channels, out_channels, batchnorm=batchnorm),
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.branch(x))
+
+
 class SkipConnectionBlock(nn.Module):
     """cat([x, body(x)], dim=1), body = conv3x3-(BN)-ReLU-conv3x3-(BN)-ReLU: in + out channels come out."""
 
