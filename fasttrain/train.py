@@ -37,7 +37,14 @@ from fasttrain.loop import checkpoint
 from fasttrain.loop.distributed import StopSignals, any_rank, from_main, inject_fault, sum_across_ranks, sync_buffers
 from fasttrain.loop.engine import StepEngine, WindowStats, raise_if_nonfinite
 from fasttrain.loop.evaluate import evaluate, tta_logits
-from fasttrain.loop.optim import build_optimizers, build_schedulers, follow_config, peak_lrs
+from fasttrain.loop.optim import (
+    assign_params,
+    build_optimizers,
+    build_schedulers,
+    follow_config,
+    group_settings,
+    peak_lrs,
+)
 from fasttrain.loop.resolve import RunPlan, configure_backends, make_accelerator, resolve
 from fasttrain.tracking.report import Reporter
 
@@ -112,6 +119,13 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path, say) -> Path | None:
         return checkpoint.find_resume(run_dir / "checkpoints", say)
     checkpoint.check_explicit(Path(resume))
     return Path(resume)
+
+
+def used_groups(cfg: Config, model: torch.nn.Module) -> list:
+    """The parameter groups that hold parameters, with their resolved settings (for the banner)."""
+    assigned = assign_params(model, cfg.param_groups)
+    settings = group_settings(cfg.train, cfg.param_groups, cfg.train.batch_size)
+    return [s for s in settings if assigned[s.name]]
 
 
 def synchronize(plan: RunPlan) -> None:
@@ -191,6 +205,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         resume_step=progress.step if resume_from else None, wandb_id=progress.wandb_id,
     )  # fmt: skip
     progress.wandb_id = report.wandb_id
+    inject_fault(accelerator.process_index, progress.step, at="wandb")
     for note in plan.notes:
         say(f"fasttrain: note: {note}")
     say(
@@ -201,8 +216,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
     say(
         f"model {cfg.model['name']}: {model_info['params'] / 1e6:.3f} M params, "
         f"{model_info['flops_per_image'] / 1e6:.1f} MFLOPs/image | batch {plan.batch_size_global} global = "
-        f"{plan.batch_size_per_device} x {plan.world_size} | peak lr {plan.lr_peak:.4g} | "
-        f"{len(optimizers)} optimiser(s): {', '.join(type(o.optimizer).__name__ for o in optimizers)}"
+        f"{plan.batch_size_per_device} x {plan.world_size} | peak lr "
+        + ", ".join(f"{g.name} {g.optimizer} {g.lr:.4g}" for g in used_groups(cfg, model))
     )
     if resume_from is not None:
         say(f"resumed from {resume_from}: epoch {progress.epoch}, step {progress.step}")
@@ -430,6 +445,7 @@ def end_epoch(run: Run, stats: WindowStats, seconds: float) -> dict:
 
 
 def validate(run: Run, tta_level: int) -> dict:
+    inject_fault(run.accelerator.process_index, run.progress.step, at="eval")
     sync_buffers(run.engine.model)  # every rank evaluates rank 0's BatchNorm statistics
     run.engine.model.eval()
     return evaluate(run.eval_forward, run.eval_loader, run.accelerator, tta_level=tta_level)

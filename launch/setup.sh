@@ -97,7 +97,7 @@ fi
 stamp="$venv/.fasttrain-installed"
 want="$(cat "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1) $repo"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && "$py" -c 'import fasttrain, ffcv, accelerate, wandb, pytest' 2>/dev/null; then
+        && "$py" -c 'import fasttrain, ffcv, accelerate, wandb, wandb_workspaces, pytest' 2>/dev/null && [ -x "$venv/bin/ruff" ]; then
     say "fasttrain installed and up to date in $venv"
 else
     say "installing fasttrain[dev] (builds ffcv from source; about a minute)"

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fasttrain.tracking.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = Path(
     os.environ.get("FASTTRAIN_CIFAR_ARCHIVE", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
@@ -83,12 +85,11 @@ def env_for_tests(tmp_path: Path) -> dict:
     return env
 
 
-def run_train(args, tmp_path, *, launcher=None, timeout=600, check=True):
+def run_train(args, tmp_path, *, launcher=None, timeout=600, check=True, env_extra=None):
     """`python fasttrain/train.py ARGS` (or under `launcher`) in `tmp_path`; raises with its output if it fails."""
     cmd = [*(launcher or [sys.executable]), str(TRAIN), *args]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env_for_tests(tmp_path), capture_output=True, text=True, timeout=timeout
-    )
+    env = {**env_for_tests(tmp_path), **(env_extra or {})}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
@@ -105,8 +106,9 @@ def start_train(args, cwd, env_extra=None, **kwargs) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def launch(args, cwd: Path, *, processes: int, env_extra=None, timeout=600):
-    """`accelerate launch` of the trainer with `processes` CPU processes; returns (CompletedProcess, seconds)."""
+def launch(args, cwd: Path, *, processes: int, env_extra=None, timeout=600, background=False):
+    """`accelerate launch` of the trainer with `processes` CPU processes; returns (CompletedProcess, seconds), or
+    with `background` the running Popen (stdout and stderr merged)."""
     env = {**env_for_tests(cwd), "ACCELERATE_USE_CPU": "1", **(env_extra or {})}
     if processes == 1:
         launcher = [str(ACCELERATE), "launch", "--num_processes", "1", "--cpu"]
@@ -115,11 +117,29 @@ def launch(args, cwd: Path, *, processes: int, env_extra=None, timeout=600):
             str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), "--num_processes", str(processes),
             "--main_process_port", str(29500 + os.getpid() % 1000),
         ]  # fmt: skip
+    if background:
+        return subprocess.Popen(
+            [*launcher, str(TRAIN), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(
         [*launcher, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
     return proc, time.perf_counter() - t0
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout=300) -> None:
+    """Until metrics.jsonl of `run_dir` has a row at `step` or later; fails if `proc` ends first."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics)):  # a line may be half written
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never logged")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -136,3 +156,14 @@ def tree_digest(path: Path) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f.name.encode() + f.read_bytes())
     return digest.hexdigest()
+
+
+def pattern_images(indices: np.ndarray) -> np.ndarray:
+    """uint8 [N,32,32,3] inspection images whose pixels say where they came from: red = 8*row + 4,
+    green = 8*col + 4, blue = index % 250 + 1."""
+    y, x = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    images = np.empty((len(indices), 32, 32, 3), dtype=np.uint8)
+    images[..., 0] = 8 * y + 4
+    images[..., 1] = 8 * x + 4
+    images[..., 2] = (np.asarray(indices) % 250 + 1)[:, None, None]
+    return images

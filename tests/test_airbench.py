@@ -7,7 +7,7 @@ from fnmatch import fnmatch
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_archive_slice
+from helpers import read_archive_slice
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 

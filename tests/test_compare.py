@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from fasttrain.compare import main
 from fasttrain.grid.spec import Cell, grid_names, load_grid

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, read_archive_slice
+from helpers import REPO, read_archive_slice
 from PIL import Image
 
 from fasttrain.data.convert import convert

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO, pattern_images
 
 from fasttrain.data.augment import FILL_COLOURS, Augmentation, Augmenter, augment
 from fasttrain.data.normalize import denormalize
@@ -33,21 +33,11 @@ EPOCHS_FOR_STATS = 6  # 576 augmented samples per configuration
 BLACK, MEAN = FILL_COLOURS["zero"], FILL_COLOURS["mean"]
 
 
-def pattern_images(indices: np.ndarray) -> np.ndarray:
-    """uint8 [N,32,32,3] inspection images (see module docstring)."""
-    y, x = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
-    images = np.empty((len(indices), 32, 32, 3), dtype=np.uint8)
-    images[..., 0] = 8 * y + 4
-    images[..., 1] = 8 * x + 4
-    images[..., 2] = (np.asarray(indices) % 250 + 1)[:, None, None]
-    return images
-
-
 _WRITE_BETONS = """
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[2])
-from test_data_loaders import pattern_images
+from helpers import pattern_images
 from fasttrain.data.ffcv_compat import DatasetWriter, IntField, RGBImageField
 
 class Indexed:

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, read_archive_slice
-from test_train import ACCELERATE, TRAIN, env_for_tests
+from helpers import ACCELERATE, REPO, TRAIN, env_for_tests, read_archive_slice
 
 from fasttrain.data import betons
 from fasttrain.data.convert import convert, main

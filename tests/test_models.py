@@ -6,7 +6,7 @@ from typing import Literal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_archive_slice
+from helpers import read_archive_slice
 from torch import nn
 
 from fasttrain.errors import ConfigError

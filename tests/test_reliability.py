@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from helpers import (
@@ -28,6 +27,7 @@ from helpers import (
     run_train,
     start_train,
     tree_digest,
+    wait_for_step,
 )
 
 pytestmark = pytest.mark.slow
@@ -36,18 +36,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def data_dir(cifar_slice_dir):
     return cifar_slice_dir
-
-
-def wait_for_step(run_dir: Path, step: int, proc, timeout=300) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if metrics.exists() and any(r["step"] >= step for r in read_jsonl(metrics)):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} never logged")
 
 
 def test_kill_9_mid_epoch_then_resume_loses_at_most_an_epoch(tmp_path, data_dir):

@@ -71,7 +71,8 @@ def inject_fault(rank: int, step: int, at: str = "step") -> None:
     """Fault injection for the reliability tests, off unless FASTTRAIN_INJECT_FAULT is set:
     "rank=1,step=5" makes rank 1 raise after 5 optimizer steps, as a crashing rank would;
     "at=checkpoint,step=20,action=kill" makes the process SIGKILL itself while writing the checkpoint of step 20,
-    after its files are written and before they are renamed into place."""
+    after its files are written and before they are renamed into place. Other moments: at=eval (an evaluation
+    starts), at=metrics (half of a metrics.jsonl line is written), at=wandb (W&B has just started)."""
     spec = os.environ.get("FASTTRAIN_INJECT_FAULT")
     if not spec:
         return

@@ -43,7 +43,8 @@ class WindowStats:
 
     @staticmethod
     def combine(parts: list[WindowStats]) -> WindowStats:
-        """Windows of one epoch added up."""
+        """Windows of one epoch added up (empty windows, e.g. one taken right after a log step, add nothing)."""
+        parts = [p for p in parts if p.images] or parts[:1]
         images = sum(p.images for p in parts)
 
         def mean(key: str) -> float:

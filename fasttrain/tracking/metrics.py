@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fasttrain.files import dumps, from_json_safe, replacing
+from fasttrain.loop.distributed import inject_fault
 
 
 def encode_row(row: dict[str, Any]) -> str:
@@ -52,21 +53,31 @@ class MetricsFile:
 
     Without `resume_step` an existing file is replaced. With it, the file is continued: rows with
     `step > resume_step` (logged after the checkpoint being resumed) are dropped first, so the resumed
-    run neither loses nor repeats history. Rows without an integer "step" are kept.
+    run neither loses nor repeats history. Rows without an integer "step" are kept. `previously_logged` holds the
+    (kind, step) of every row the file had before, dropped ones included: what the interrupted run may already
+    have sent elsewhere (W&B).
     """
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.previously_logged: set[tuple[Any, Any]] = set()
         if resume_step is not None and self.path.exists():
-            kept = [row for row in read_metrics(self.path) if not _logged_after(row, resume_step)]
+            rows = read_metrics(self.path)
+            self.previously_logged = {(row.get("kind"), row.get("step")) for row in rows}
+            kept = [row for row in rows if not _logged_after(row, resume_step)]
             _rewrite(self.path, kept)
             self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run)
         else:
             self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (open for the run)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(encode_row(row) + "\n")
+        line = encode_row(row) + "\n"
+        half = len(line) // 2
+        self._file.write(line[:half])
+        self._file.flush()
+        inject_fault(0, row.get("step", -1), at="metrics")  # the reliability tests' kill mid-line; a no-op otherwise
+        self._file.write(line[half:])
         self._file.flush()
 
     def sync(self) -> None:

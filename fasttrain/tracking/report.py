@@ -55,7 +55,10 @@ class Reporter:
         if not self.main:
             return
         self.metrics.write(row)
-        self.wandb.log_row(row)
+        # A resumed run replays the steps after its checkpoint; the interrupted run already sent those rows to W&B
+        # (the same values: resumption is exact), so W&B gets each row once.
+        if (row["kind"], row["step"]) not in self.metrics.previously_logged:
+            self.wandb.log_row(row)
         if row["kind"] == "epoch":
             if not self.header_shown:
                 self.say(self.table.header())
