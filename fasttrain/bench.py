@@ -42,7 +42,7 @@ from torch import nn
 
 import fasttrain
 from fasttrain import models
-from fasttrain.config import Config, DataSection, TrainSection, coerce
+from fasttrain.config import MODE_ALIASES, Config, DataSection, TrainSection, coerce
 from fasttrain.errors import ConfigError, FasttrainError
 from fasttrain.files import dumps
 from fasttrain.loop.optim import build_optimizers, build_schedulers
@@ -286,7 +286,7 @@ def cmd_loader(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     workers = min(args.workers, usable_cpus())
     if workers < args.workers:
         log(f"loader: --workers {args.workers} clamped to {workers}: this process may use {usable_cpus()} CPUs")
-    modes = ["stream", "resident"] if args.mode == "both" else [args.mode]
+    modes = ["stream", "resident"] if args.mode == "both" else [MODE_ALIASES.get(args.mode, args.mode)]
     per_mode = {}
     for mode in modes:
         log(f"loader: mode {mode}, batch {args.batch_size}, {workers} workers, {args.epochs} epochs on {device}")

@@ -34,7 +34,15 @@ from fasttrain.data.prepare import prepare_data
 from fasttrain.errors import EXIT_NONFINITE, ConfigError, NonFiniteLoss, run_command
 from fasttrain.files import write_json
 from fasttrain.loop import checkpoint
-from fasttrain.loop.distributed import StopSignals, any_rank, from_main, inject_fault, sum_across_ranks, sync_buffers
+from fasttrain.loop.distributed import (
+    StopSignals,
+    any_rank,
+    from_main,
+    inject_fault,
+    parameters_agree,
+    sum_across_ranks,
+    sync_buffers,
+)
 from fasttrain.loop.engine import StepEngine, WindowStats, raise_if_nonfinite
 from fasttrain.loop.evaluate import evaluate, tta_logits
 from fasttrain.loop.optim import (
@@ -103,7 +111,7 @@ def initialise_from_data(model: torch.nn.Module, train_loader, plan: RunPlan) ->
     if not hasattr(model, "data_init"):
         return 0.0
     t0 = time.perf_counter()
-    images = train_loader.sample_images(DATA_INIT_IMAGES)
+    images = train_loader.sample_images(min(DATA_INIT_IMAGES, train_loader.dataset_size))
     models.data_init(model.to(images.device), images)
     synchronize(plan)
     return time.perf_counter() - t0
@@ -150,6 +158,7 @@ class Run:
     eval_forward: object
     progress: checkpoint.Progress
     report: Reporter
+    checkpoint_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
 
     @property
     def ckpt_root(self) -> Path:
@@ -239,6 +248,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         loss_reduction=t.loss_reduction, grad_clip=t.grad_clip, nonfinite=t.nonfinite,
     )  # fmt: skip
     run = Run(cfg, plan, accelerator, run_dir, train_loader, eval_loader, engine, eval_forward, progress, report)
+    run.checkpoint_step = progress.step if resume_from else None
 
     loader_warmup_s = train_loader.warm_up()
     compile_time_s = warm_up_compiled(run) if plan.compile else 0.0
@@ -323,7 +333,8 @@ def fit(run: Run) -> int:
             if t.target_acc is not None and row["val_acc"] is not None and row["val_acc"] >= t.target_acc:
                 run.report.say(f"target accuracy {t.target_acc} reached at {p.time_to_target_s:.2f} s of training")
                 break
-    if run.cfg.checkpoint.final and not checkpoint.exists_for_step(run.ckpt_root, p.step):
+    # Decided from memory, the same on every rank (a look at the directory would race the main process's rename).
+    if run.cfg.checkpoint.final and run.checkpoint_step != p.step:
         save_checkpoint(run)
     return 0
 
@@ -454,6 +465,7 @@ def validate(run: Run, tta_level: int) -> dict:
 def save_checkpoint(run: Run) -> None:
     run.report.sync()  # rows up to this step are on disk before a checkpoint claims them
     path = checkpoint.save(run.accelerator, run.ckpt_root, run.progress, run.cfg.to_dict(), run.cfg.checkpoint.keep)
+    run.checkpoint_step = run.progress.step
     if run.progress.step_in_epoch:
         run.report.say(f"checkpoint {path}")
 
@@ -481,12 +493,13 @@ def finish(run: Run, exit_code: int, model_info: dict) -> dict:
     """The final evaluation at the recipe's TTA level (timed: airbench counts it) and the run's summary."""
     cfg, p, plan = run.cfg, run.progress, run.plan
     last = p.last_val
-    tta_acc, final_eval_s = None, 0.0
+    tta_acc, final_eval_s, agree = None, 0.0, None
     if exit_code == 0 and p.step > 0:
         synchronize(plan)
         t0 = time.perf_counter()
         tta_acc = validate(run, tta_level=cfg.train.tta_level)["acc"]
         final_eval_s = time.perf_counter() - t0
+        agree = parameters_agree(run.accelerator, run.engine.model)
     status = {0: "finished", EXIT_NONFINITE: "nonfinite_loss"}.get(exit_code, "interrupted")
     return {
         "status": status, "exit_code": exit_code,
@@ -494,6 +507,7 @@ def finish(run: Run, exit_code: int, model_info: dict) -> dict:
         "tta_acc": tta_acc, "tta_level": cfg.train.tta_level, "best_val_acc": p.best_val_acc,
         "train_time_s": p.train_time_s, "final_eval_s": final_eval_s, "time_to_target_s": p.time_to_target_s,
         "target_acc": cfg.train.target_acc, "epochs": p.epoch, "steps": p.step, "skipped_steps": p.skipped_steps,
+        "parameters_agree_across_ranks": agree,
         "images_per_sec": (p.step * plan.batch_size_global / p.train_time_s) if p.train_time_s else None,
         "model": cfg.model["name"], **model_info, **plan.as_dict(), "seed": cfg.run.seed,
         "fasttrain_version": fasttrain.__version__, "torch_version": torch.__version__, "run_dir": str(run.run_dir),

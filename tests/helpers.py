@@ -1,6 +1,7 @@
 """What several test modules share: paths, the tiny training settings, and ways to run the trainer as users do.
 Tests import from here (fixtures come from conftest.py); no test module imports another."""
 
+import functools
 import hashlib
 import io
 import json
@@ -56,25 +57,35 @@ FAST = [*TINY, "--data.mode", "resident", "--wandb.mode", "disabled"]
 
 
 def read_archive_slice(per_class: int, split: str = "train"):
-    """The first `per_class` images of each class of `split`, decoded: (uint8 [N,32,32,3], int64 [N], classes)."""
+    """The first `per_class` images (by name) of each class of `split`, decoded: (uint8 [N,32,32,3], int64 [N],
+    classes)."""
+    images, labels, classes = _archive_slice(per_class, split)
+    return images.copy(), labels.copy(), list(classes)
+
+
+@functools.lru_cache(maxsize=8)
+def _archive_slice(per_class: int, split: str):
+    """Two forward passes over the archive (a gzip stream cannot seek back cheaply), cached per process."""
     from PIL import Image
 
     if not SHARED_ARCHIVE.exists():
         pytest.skip(f"shared CIFAR-10 archive not found at {SHARED_ARCHIVE} (set FASTTRAIN_CIFAR_ARCHIVE)")
-    members: dict[str, list[tarfile.TarInfo]] = {}
+    names: dict[str, list[str]] = {}
     with tarfile.open(SHARED_ARCHIVE) as tar:
         for m in tar:
             parts = Path(m.name).parts
             if m.isfile() and len(parts) >= 3 and parts[-3] == split:
-                members.setdefault(parts[-2], []).append(m)
-        classes = sorted(members)
-        images, labels = [], []
-        for label, cls in enumerate(classes):
-            for m in sorted(members[cls], key=lambda m: m.name)[:per_class]:
-                data = tar.extractfile(m).read()
-                images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-                labels.append(label)
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+                names.setdefault(parts[-2], []).append(m.name)
+    classes = sorted(names)
+    wanted = {name: label for label, cls in enumerate(classes) for name in sorted(names[cls])[:per_class]}
+    decoded: dict[str, np.ndarray] = {}
+    with tarfile.open(SHARED_ARCHIVE, mode="r|gz") as tar:
+        for m in tar:
+            if m.name in wanted:
+                decoded[m.name] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
+    order = sorted(wanted, key=lambda name: (wanted[name], name))
+    labels = np.asarray([wanted[name] for name in order], dtype=np.int64)
+    return np.stack([decoded[name] for name in order]), labels, classes
 
 
 def env_for_tests(tmp_path: Path) -> dict:

@@ -89,8 +89,8 @@ def test_step_reports_median_throughput_and_compile_time_apart():
     assert result["compile_time_s"] == 0.0 and result["params"] > 0 and result["flops_per_image"] > 0
 
 
-def test_overhead_compares_fasttrain_loop_with_bare_loop():
-    _, result = bench("overhead", *TINY_MODEL, "--precision", "no")
+def test_overhead_compares_fasttrain_loop_with_bare_loop(data_dir):
+    _, result = bench("overhead", *TINY_MODEL, "--precision", "no", "--data", str(data_dir))
     check_common(result, "overhead")
     assert result["fasttrain_images_per_sec"] > 0 and result["bare_images_per_sec"] > 0
     assert isinstance(result["overhead_pct"], float) and len(result["overhead_pct_repeats"]) == 2
@@ -105,27 +105,24 @@ def test_bad_option_is_a_clear_error_without_json(capfd):
     assert out == "" and "fp16 needs a CUDA device" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("mode", ["gpu", "ffcv"])
-def test_loader_times_epochs_after_the_warm_up(data_dir, mode):
+def test_loader_times_both_modes_after_the_warm_up(data_dir):
     _, result = bench(
-        "loader",
-        "--data",
-        str(data_dir),
-        "--mode",
-        mode,
-        "--batch-size",
-        "64",
-        "--workers",
-        "1",
-        "--epochs",
-        "2",
-        "--device",
-        "cpu",
-    )
+        "loader", "--data", str(data_dir), "--mode", "both", "--batch-size", "64", "--workers", "1", "--epochs", "2",
+        "--device", "cpu",
+    )  # fmt: skip
     check_common(result, "loader")
-    assert result["settings"]["mode"] == mode
-    assert result["images_per_sec"] > 0 and result["warmup_s"] > 0 and result["measured_epochs"] == 1
-    assert result["images_per_epoch"] == 448  # 500 images, batch 64, drop_last
+    assert result["settings"]["modes"] == ["stream", "resident"] == sorted(result["modes"], reverse=True)
+    for figures in result["modes"].values():
+        assert figures["images_per_sec"] > 0 and figures["warmup_s"] > 0 and figures["measured_epochs"] == 1
+        assert figures["images_per_epoch"] == 448  # 500 images, batch 64, drop_last
+
+
+def test_loader_accepts_the_old_mode_names(data_dir):
+    _, result = bench(
+        "loader", "--data", str(data_dir), "--mode", "gpu", "--batch-size", "64", "--workers", "1", "--epochs", "2",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert result["settings"]["modes"] == ["resident"] and result["images_per_sec"] > 0
 
 
 def test_e2e_runs_the_trainer_and_reads_its_summary(data_dir, tmp_path):
@@ -157,7 +154,7 @@ def test_e2e_runs_the_trainer_and_reads_its_summary(data_dir, tmp_path):
         "--data.dir",
         str(data_dir),
         "--data.mode",
-        "gpu",
+        "resident",
         "--data.workers",
         "1",
     )

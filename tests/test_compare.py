@@ -16,7 +16,7 @@ from fasttrain.grid.spec import Cell, grid_names, load_grid
 
 TINY_OVERRIDES = {
     "model": {"widths": [8, 8, 8], "stem_channels": 8},
-    "train": {"epochs": 1, "batch_size": 200, "lr_ref_batch": 200, "lr_peak_epoch": 0.5, "tta": False},
+    "train": {"epochs": 1, "batch_size": 200, "lr_ref_batch": 200, "lr_peak_epoch": 0.5, "tta_level": 0},
     "data": {"eval_batch_size": 500, "workers": 1},
     "checkpoint": {"every": 0},
 }

@@ -28,6 +28,7 @@ SMALL_KWARGS: dict[str, dict[str, object]] = {
     "airbench94": {"widths": (8, 16, 16)},
     "deepcnn": {"widths": (8, 16), "blocks": (1, 1)},
     "resnet9": {"width_mult": 0.125},
+    "resnet9_ffcv": {"width_mult": 0.125},
     "resnet18": {"width": 8},
 }
 COMPILE_CASES = [
@@ -35,6 +36,7 @@ COMPILE_CASES = [
     ("deepcnn", {**SMALL_KWARGS["deepcnn"], "block": "residual"}),
     ("deepcnn", {**SMALL_KWARGS["deepcnn"], "block": "skip"}),
     ("resnet9", SMALL_KWARGS["resnet9"]),
+    ("resnet9_ffcv", SMALL_KWARGS["resnet9_ffcv"]),
     ("resnet18", SMALL_KWARGS["resnet18"]),
     ("airbench94", SMALL_KWARGS["airbench94"]),
 ]
@@ -46,16 +48,16 @@ def _seed() -> None:
 
 
 def test_small_kwargs_cover_every_model() -> None:
-    assert sorted(SMALL_KWARGS) == names() == ["airbench94", "deepcnn", "resnet18", "resnet9"]
+    assert sorted(SMALL_KWARGS) == names() == ["airbench94", "deepcnn", "resnet18", "resnet9", "resnet9_ffcv"]
 
 
-@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18", "airbench94"])
+@pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
 def test_registered_model_default_output_shape(name: str) -> None:
     model = create(name)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18", "airbench94"])
+@pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
 def test_num_classes_sets_the_head(name: str) -> None:
     model = create(name, num_classes=7, **SMALL_KWARGS[name])
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 7)
@@ -175,7 +177,7 @@ def test_dropout_only_in_train_mode(model) -> None:
     assert torch.equal(model(x), model(x))
 
 
-@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18", "airbench94"])
+@pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
 def test_channels_last_matches_contiguous(name: str) -> None:
     model = create(name, **SMALL_KWARGS[name]).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -245,7 +247,7 @@ def test_describe_gives_precise_annotations() -> None:
     assert describe("resnet18")["width"].annotation is int
 
 
-@pytest.mark.parametrize("name", ["deepcnn", "resnet9", "resnet18", "airbench94"])
+@pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
 def test_describe_every_argument_is_annotated_and_defaulted(name: str) -> None:
     params = describe(name)
     assert "num_classes" in params

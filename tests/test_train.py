@@ -2,13 +2,26 @@
 offline files, real checkpoints."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import ACCELERATE, TINY, TRAIN, WANDB, checkpoint_steps, env_for_tests, read_jsonl, run_train
+from helpers import (
+    ACCELERATE,
+    TINY,
+    TRAIN,
+    WANDB,
+    checkpoint_steps,
+    env_for_tests,
+    read_jsonl,
+    run_train,
+    start_train,
+)
+
+from fasttrain.config import load_config, recipe_names
 
 STEP_KEYS = {
     "epoch",
@@ -110,7 +123,7 @@ def test_wandb_offline_run_recorded_throughput_and_accuracy(finished_run):
     ).stdout
     history = [json.loads(line) for line in records.splitlines() if '"history"' in line]
     text = "\n".join(json.dumps(h) for h in history)
-    for key in ("images_per_sec", "step_time_ms", "train_acc", "val_acc", "lr"):
+    for key in ("perf/images_per_sec", "perf/step_time_ms", "train/acc", "val/acc", "train/lr"):
         assert key in text, f"{key} missing from W&B history"
     summary = subprocess.run(
         [str(WANDB), "leet", "inspect", "--summary", "--json", str(offline[0])],
@@ -119,6 +132,10 @@ def test_wandb_offline_run_recorded_throughput_and_accuracy(finished_run):
         check=True,
     ).stdout
     assert "tta_acc" in summary and "train_time_s" in summary
+    # The trainer's console output is in the run's Logs tab (checked in a real run: W&B captures the console of
+    # the first run a process starts, which a test process that started W&B before is not).
+    console = json.loads(summary)["console"]
+    assert any(line["line"].startswith("final: val_acc") for line in console), console[-5:]
 
 
 def test_bad_config_is_refused_before_any_work(tmp_path, data_dir):
@@ -262,5 +279,46 @@ def test_compile_warm_up_covers_every_graph_the_run_uses(tmp_path, data_dir):
     assert "Recompiling" in during_warm_up, "the log shows recompilations (eval mode, eval batch sizes) at all"
     assert "Recompiling" not in after_warm_up, after_warm_up[:3000]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["compiled"] is True and summary["compile_time_s"] > 0
+    assert summary["compile"] is True and summary["compile_time_s"] > 0
     assert summary["tta_acc"] is not None and summary["steps"] == 20
+
+
+@pytest.fixture(scope="module")
+def twenty_images(tmp_path_factory, shared_archive):
+    """20 training and 20 test images: one step of any recipe at batch 20."""
+    out = tmp_path_factory.mktemp("data20") / "cifar-20"
+    subprocess.run(
+        [sys.executable, "-m", "fasttrain.data.convert", "--source", str(shared_archive), "--out", str(out),
+         "--subset", "20"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+def test_every_recipe_starts_in_stream_mode_on_this_machine(twenty_images, tmp_path):
+    """Each shipped recipe as written, its ffcv workers too (resnet9 asks for 8), one epoch of one step on 20 images
+    in the stream mode. The recipes start together, each pinned to one CPU, so every one of them asks for more
+    workers than it may use. airbench94's alternating flip and reflect padding are done by the resident mode only:
+    the stream mode refuses it with a one-line message naming the fix."""
+    cpus = sorted(os.sched_getaffinity(0))
+    procs = {}
+    for i, recipe in enumerate(recipe_names()):
+        cpu = cpus[i % len(cpus)]
+        args = [
+            "--config", recipe, "--data.dir", str(twenty_images), "--data.mode", "stream", "--train.epochs", "1",
+            "--train.batch_size", "20", "--train.lr_peak_epoch", "0", "--data.eval_batch_size", "20",
+            "--wandb.mode", "disabled", "--checkpoint.final", "false", "--run.dir", str(tmp_path / recipe),
+        ]  # fmt: skip
+        procs[recipe] = start_train(args, tmp_path, preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu}))
+    outputs = {recipe: proc.communicate(timeout=300)[0] for recipe, proc in procs.items()}
+    for recipe, out in outputs.items():
+        code = procs[recipe].returncode
+        cfg = load_config(["--config", recipe])
+        if cfg.data.flip_mode == "alternating":
+            assert code == 2 and "Traceback" not in out, f"{recipe}:\n{out[-2000:]}"
+            assert "--data.mode resident" in out.strip().splitlines()[-1], recipe
+            continue
+        assert code == 0, f"{recipe} exited {code}:\n{out[-3000:]}"
+        summary = json.loads((tmp_path / recipe / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["steps"] == 1 and summary["data_mode"] == "stream"
+        assert f"data.workers {cfg.data.workers} clamped to 1" in out, f"{recipe}:\n{out[-2000:]}"

@@ -201,10 +201,12 @@ def build_loaders(
         )
         return train, evaluation
 
+    from fasttrain.data.decoded import read_split
     from fasttrain.data.resident import ResidentEvalLoader, ResidentTrainLoader, read_beton
 
     def on_device(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = read_beton(paths[split], workers, fields=partial(loader_pipelines, data_dir, split))
+        fields = partial(loader_pipelines, data_dir, split)
+        images, labels = read_split(data_dir, split, lambda: read_beton(paths[split], workers, fields=fields))
         return images.to(device), labels.to(device)
 
     train = ResidentTrainLoader(

@@ -1,4 +1,5 @@
-"""Mode "resident": the whole data set read once through ffcv and kept on the device (a GPU's, or the CPU's RAM).
+"""Mode "resident": the whole data set read once through ffcv (or its decoded copy, fasttrain.data.decoded) and kept
+on the device (a GPU's, or the CPU's RAM).
 
 Each rank holds every training image (uint8, 150 MB for CIFAR-10; 194 MB as the augmenter's pixel table padded by
 2 px for translation, see fasttrain.data.augment) and reads only its shard of each epoch's order
@@ -18,15 +19,6 @@ import numpy as np
 import torch
 
 from fasttrain.data.augment import Augmentation, Augmenter, alternating_flip_bits, alternating_mirrored
-from fasttrain.data.ffcv_compat import (
-    IntDecoder,
-    Loader,
-    OrderOption,
-    SimpleRGBImageDecoder,
-    Squeeze,
-    ToTensor,
-    torch_threads_kept,
-)
 from fasttrain.data.normalize import Normalizer
 from fasttrain.data.sharding import batches_per_epoch, train_order
 from fasttrain.errors import ConfigError
@@ -50,6 +42,16 @@ def read_beton(
     Loader: images uint8 [N,3,H,W] (CPU, channels-last memory, as ffcv decodes them) and labels int64 [N].
     `fields(image_ops, label_ops)` gives the pipelines under the file's field names and whether images come first
     (fasttrain.data.manifest.loader_pipelines for files written by other tools)."""
+    from fasttrain.data.ffcv_compat import (  # here: importing ffcv takes seconds a decoded copy can spare
+        IntDecoder,
+        Loader,
+        OrderOption,
+        SimpleRGBImageDecoder,
+        Squeeze,
+        ToTensor,
+        torch_threads_kept,
+    )
+
     pipelines, image_first = fields([SimpleRGBImageDecoder(), ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)])
     with torch_threads_kept():
         loader = Loader(

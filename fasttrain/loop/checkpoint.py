@@ -333,11 +333,6 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: read_meta(p)["step"])
 
 
-def exists_for_step(ckpt_root: Path, step: int) -> bool:
-    """Whether a complete checkpoint of optimizer step `step` is already there."""
-    return any(read_meta(p)["step"] == step for p in list_checkpoints(ckpt_root))
-
-
 def remove_partial(ckpt_root: Path) -> None:
     """Temporary directories left by a crash mid-save."""
     if ckpt_root.is_dir():

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 
 def sum_across_ranks(accelerator, values: list[float] | torch.Tensor) -> list[float]:
@@ -33,6 +34,19 @@ def from_main(accelerator, value: Any) -> Any:
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def parameters_agree(accelerator, model: torch.nn.Module) -> bool | None:
+    """Whether every rank holds bit for bit the same parameters (a digest of their bytes, gathered once at the end of
+    a run); None with one process. DDP promises it; Muon and several optimisers are where it could break."""
+    if accelerator.num_processes == 1:
+        return None
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        flat = p.detach().cpu().reshape(-1).clone(memory_format=torch.contiguous_format)  # any layout: stride 1
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return len(set(gather_object([digest.hexdigest()]))) == 1
 
 
 def sync_buffers(module: torch.nn.Module) -> None:
@@ -71,14 +85,19 @@ def inject_fault(rank: int, step: int, at: str = "step") -> None:
     """Fault injection for the reliability tests, off unless FASTTRAIN_INJECT_FAULT is set:
     "rank=1,step=5" makes rank 1 raise after 5 optimizer steps, as a crashing rank would;
     "at=checkpoint,step=20,action=kill" makes the process SIGKILL itself while writing the checkpoint of step 20,
-    after its files are written and before they are renamed into place. Other moments: at=eval (an evaluation
-    starts), at=metrics (half of a metrics.jsonl line is written), at=wandb (W&B has just started)."""
+    after its files are written and before they are renamed into place; "action=term" sends SIGTERM instead.
+    Other moments: at=eval (an evaluation starts), at=metrics (half of a metrics.jsonl line is written),
+    at=wandb (W&B has just started)."""
     spec = os.environ.get("FASTTRAIN_INJECT_FAULT")
     if not spec:
         return
     target = dict(part.split("=", 1) for part in spec.split(","))
     if target.get("at", "step") != at or int(target.get("rank", 0)) != rank or int(target["step"]) != step:
         return
-    if target.get("action", "raise") == "kill":
+    action = target.get("action", "raise")
+    if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "term":  # as `kill PID` would: the loop checkpoints at its next check and exits 143
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise RuntimeError(f"injected fault on rank {rank} at step {step} (FASTTRAIN_INJECT_FAULT={spec})")

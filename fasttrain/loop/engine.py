@@ -83,7 +83,7 @@ class StepEngine:
         nonfinite: str = "stop",
     ):
         self.model, self.optimizers, self.schedulers, self.accelerator = model, optimizers, schedulers, accelerator
-        self.forward = forward or model
+        self.forward = forward if forward is not None else model  # (a compiled nn.Sequential has no truth value)
         self.label_smoothing, self.loss_reduction, self.grad_clip = label_smoothing, loss_reduction, grad_clip
         self.nonfinite = nonfinite
         self._stats = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
