@@ -226,7 +226,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         f"model {cfg.model['name']}: {model_info['params'] / 1e6:.3f} M params, "
         f"{model_info['flops_per_image'] / 1e6:.1f} MFLOPs/image | batch {plan.batch_size_global} global = "
         f"{plan.batch_size_per_device} x {plan.world_size} | peak lr "
-        + ", ".join(f"{g.name} {g.optimizer} {g.lr:.4g}" for g in used_groups(cfg, model))
+        + ", ".join(f"{g.name} {g.optimizer} {g.lr:.4g}" for g in used_groups(cfg, accelerator.unwrap_model(model)))
     )
     if resume_from is not None:
         say(f"resumed from {resume_from}: epoch {progress.epoch}, step {progress.step}")

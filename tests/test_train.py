@@ -135,7 +135,7 @@ def test_wandb_offline_run_recorded_throughput_and_accuracy(finished_run):
     # The trainer's console output is in the run's Logs tab (checked in a real run: W&B captures the console of
     # the first run a process starts, which a test process that started W&B before is not).
     console = json.loads(summary)["console"]
-    assert any(line["line"].startswith("final: val_acc") for line in console), console[-5:]
+    assert any("val_acc" in line["line"] for line in console), console[-5:]  # the epoch table
 
 
 def test_bad_config_is_refused_before_any_work(tmp_path, data_dir):
