@@ -38,6 +38,7 @@ def config_for(saved: dict, overrides: list[tuple[str, str, str]]) -> Config:
     """A Config from a saved one (as written by Config.to_dict), with command-line overrides."""
     flat = [(section, key, value) for section, values in saved.items() for key, value in (values or {}).items()]
     flat = [(s, k, v) for s, k, v in flat if s != "param_groups"]  # optimiser settings do not matter here
+    flat.sort(key=lambda item: item[:2] != ("model", "name"))  # the model first: naming it resets its arguments
     return build_config(None, [*flat, *overrides])
 
 
@@ -66,6 +67,8 @@ def command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from fasttrain.data.loaders import build_loaders
+    from fasttrain.data.manifest import verify
+    from fasttrain.data.prepare import data_dir_for
     from fasttrain.loop.evaluate import evaluate
     from fasttrain.loop.resolve import make_accelerator, resolve
 
@@ -82,9 +85,6 @@ def command(argv: list[str]) -> int:
 
     accelerator, _ = make_accelerator(cfg)
     plan = resolve(cfg, accelerator)
-    from fasttrain.data.manifest import verify
-    from fasttrain.data.prepare import data_dir_for
-
     data_dir = data_dir_for(cfg.data)
     verify(data_dir)
     _, eval_loader = build_loaders(

@@ -1,0 +1,79 @@
+"""`fasttrain eval RUN_DIR|CHECKPOINT` on a real finished run: it reproduces the run's own accuracies exactly, and a
+missing, damaged or foreign weights file is one line and exit 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import FAST, run_train
+
+from fasttrain.eval import main as eval_main
+
+
+@pytest.fixture(scope="module")
+def finished(cifar_slice_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    run_dir = tmp / "run"
+    run_train([*FAST, "--data.dir", str(cifar_slice_dir), "--run.dir", str(run_dir), "--train.epochs", "2"], tmp)
+    return run_dir
+
+
+def test_eval_of_the_run_reproduces_its_final_accuracies_exactly(finished):
+    summary = json.loads((finished / "summary.json").read_text())
+    proc = subprocess.run(
+        [sys.executable, "-m", "fasttrain", "eval", str(finished), "--tta-level", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = json.loads((finished / "eval-tta0.json").read_text())
+    assert plain["acc"] == summary["val_acc"] and plain["count"] == 1000 and "test accuracy" in proc.stdout
+    assert eval_main([str(finished)]) == 0  # the run's own TTA level (1)
+    assert json.loads((finished / "eval-tta1.json").read_text())["acc"] == summary["tta_acc"]
+
+
+def test_eval_of_the_last_checkpoint_gives_the_final_accuracy(finished):
+    last = sorted((finished / "checkpoints").glob("ckpt-*"))[-1]
+    assert eval_main([str(last), "--tta-level", "0"]) == 0
+    summary = json.loads((finished / "summary.json").read_text())
+    assert json.loads((last / "eval-tta0.json").read_text())["acc"] == summary["val_acc"]
+
+
+def _copy(finished, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    return copy
+
+
+def _refused(argv, capfd) -> str:
+    assert eval_main(argv) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_a_missing_weights_file_is_named(finished, tmp_path, capfd):
+    copy = _copy(finished, tmp_path)
+    (copy / "model.safetensors").unlink()
+    assert "model.safetensors is missing" in _refused([str(copy)], capfd)
+
+
+def test_a_truncated_weights_file_is_named(finished, tmp_path, capfd):
+    copy = _copy(finished, tmp_path)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert "damaged or truncated" in _refused([str(copy)], capfd)
+
+
+def test_weights_of_another_model_are_named(finished, tmp_path, capfd):
+    copy = _copy(finished, tmp_path)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["model"].update(widths=[16, 32], blocks=[1, 1])  # the file holds an 8-16 net
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert "weights of another model" in _refused([str(copy)], capfd)
+
+
+def test_a_directory_that_is_neither_is_named(tmp_path, capfd):
+    assert "neither a run directory" in _refused([str(tmp_path)], capfd)
