@@ -157,3 +157,5 @@ def test_shipped_grids_load_and_the_deepest_cpu_cells_have_20_conv_layers() -> N
         grid = load_grid(name)
         assert set(grid.blocks) == {"plain", "residual", "skip"} and len(grid.blocks_per_stage) >= 3
         assert Cell("plain", max(grid.blocks_per_stage), 3, 0.0).depth >= 20
+    dropout = load_grid("dropout_cpu")  # the dropout question: every block type with and without it
+    assert set(dropout.blocks) == {"plain", "residual", "skip"} and 0.0 in dropout.dropout and max(dropout.dropout) > 0
