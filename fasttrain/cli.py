@@ -4,7 +4,7 @@
     fasttrain convert   --source SRC --out DIR [--subset N]           CIFAR-10 to .beton, once
     fasttrain bench     loader|step|overhead|e2e [...]                measure, print one JSON object
     fasttrain eval      RUN_DIR|CHECKPOINT [--tta-level N]            test accuracy of a finished run or checkpoint
-    fasttrain compare   --grid NAME|PATH --out DIR                    the connections experiment (plain/residual/skip)
+    fasttrain compare   --grid NAME|PATH [--out DIR]                  the connections experiment (plain/residual/skip)
     fasttrain dashboard --project P [--entity E]                      save fasttrain's W&B workspace
 
 `fasttrain COMMAND --help` describes each. Exit codes are the same for all (fasttrain/errors.py).
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+
+from fasttrain.errors import EXIT_BAD_INPUT, EXIT_OK, FasttrainError, run_command
 
 COMMANDS = {
     "train": "fasttrain.train",
@@ -25,16 +27,26 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
+def usage() -> str:
+    return __doc__.strip()
+
+
+def command(argv: list[str]) -> int:
+    """Dispatch to the subcommand's own `main`, which reports its errors under its own name."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return EXIT_OK
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return EXIT_BAD_INPUT
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"fasttrain: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        raise FasttrainError(f"unknown command '{name}'; choose one of: {', '.join(COMMANDS)}")
     return importlib.import_module(COMMANDS[name]).main(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("fasttrain", command, argv)
 
 
 if __name__ == "__main__":

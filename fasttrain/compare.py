@@ -1,7 +1,9 @@
 """Train a grid of DeepCNNs that differ only in their connections, and compare them.
 
-    python -m fasttrain.compare --grid connections_cpu --data.source ../shared/data/cifar10-jpeg.tar.gz
-    python -m fasttrain.compare --grid my_grid.yaml --out runs/my-grid --dry-run
+usage: fasttrain compare --grid NAME|PATH [--out DIR] [--group NAME] [--dry-run] [--section.key V ...]
+
+    fasttrain compare --grid connections_cpu --data.source ../shared/data/cifar10-jpeg.tar.gz
+    fasttrain compare --grid my_grid.yaml --out runs/my-grid --dry-run   (or: python -m fasttrain.compare ...)
 
 Options:
   --grid NAME|PATH   a grid spec (see fasttrain/grid/spec.py), or a grid shipped in fasttrain/recipes/grids/
@@ -13,13 +15,14 @@ Options:
 Each cell (block x depth x dropout) runs the normal trainer as a subprocess into OUT/<cell>/, its own run
 directory and W&B run, with its output in OUT/<cell>/train.log. A cell whose run directory holds a finished run of
 the same settings is reused; an interrupted one continues from its newest checkpoint (--resume auto). Then
-OUT/results.csv, OUT/results.md and OUT/comparison.png are written. Exit status: 0 when every cell finished,
-1 when any failed (the table says which), 2 for bad input, 130/143 when interrupted.
+OUT/results.csv, OUT/results.md and OUT/comparison.png are written. Exit status (fasttrain/errors.py): 0 when every
+cell finished, 1 when any failed (the table says which), 2 for bad input, 130/143 when interrupted.
 """
 
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from fasttrain.config import load_config, parse_overrides
-from fasttrain.errors import ConfigError, FasttrainError
+from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, run_command, signal_exit_code
 from fasttrain.grid.report import (
     CellResult,
     markdown_table,
@@ -40,9 +43,7 @@ from fasttrain.grid.report import (
 )
 from fasttrain.grid.spec import Cell, Grid, grid_cells, grid_names, load_grid
 
-EXIT_BAD_INPUT = 2
-EXIT_CELL_FAILED = 1
-INTERRUPTED = (130, 143)  # the trainer's exit codes after SIGINT / SIGTERM
+INTERRUPTED = (signal_exit_code(signal.SIGINT), signal_exit_code(signal.SIGTERM))  # the trainer's, after a signal
 # Options each cell's command sets itself; a passthrough option may not set them.
 CELL_OPTIONS = ("model.name", "model.block", "model.blocks", "model.dropout", "run.dir", "run.name", "wandb.group")
 
@@ -232,21 +233,16 @@ def write_report(results: list[CellResult], out: Path) -> str:
     return markdown_table(results)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def command(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip() + f"\n\nShipped grids: {', '.join(grid_names())}")
-        return 0
-    try:
-        args = parse_args(argv)
-        grid, out, planned = plan(args)
-    except FasttrainError as e:
-        print(f"fasttrain compare: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return EXIT_OK
+    args = parse_args(argv)
+    grid, out, planned = plan(args)
     if args.dry_run:
         for p in planned:
             print(shlex.join(trainer_command(p.argv)) + ("   # finished, would be reused" if p.reusable else ""))
-        return 0
+        return EXIT_OK
     print(f"grid {grid.name}: {len(planned)} cells into {out}", flush=True)
     results, interrupted = train_grid(planned)
     print("\n" + write_report(results, out) + f"\nwritten: {out}/results.csv, results.md, comparison.png")
@@ -256,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r.cell.name for r in results if not r.finished]
     if failed:
         print(f"fasttrain compare: {len(failed)} of {len(results)} cells failed: {', '.join(failed)}", file=sys.stderr)
-        return EXIT_CELL_FAILED
-    return 0
+        return EXIT_TRAINER_FAILED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("fasttrain compare", command, argv)
 
 
 if __name__ == "__main__":

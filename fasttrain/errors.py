@@ -1,9 +1,16 @@
 """User-facing errors and exit codes: a message that names the problem and the fix, printed without a traceback.
 
-Exit codes, the same for every fasttrain command:
-  0 finished; 1 an unexpected failure (a bug: the traceback is shown); 2 bad input or a broken environment the user
-  can fix (`FasttrainError`); 3 training stopped on a non-finite loss; 128 + N stopped by signal N (130 Ctrl-C, 143
-  SIGTERM) after writing a checkpoint.
+Exit codes, the same for every fasttrain command (the EXIT_* names below; entry points return them, never literals):
+  0 `EXIT_OK` finished.
+  1 an unexpected failure (a bug: the traceback is shown); also `EXIT_TRAINER_FAILED`: a trainer process that
+    `fasttrain compare` (a grid cell) or `fasttrain bench e2e` started failed, its own output says why.
+  2 `EXIT_BAD_INPUT` bad input or a broken environment the user can fix (`FasttrainError`), and argparse's usage
+    errors.
+  3 `EXIT_NONFINITE` training stopped on a non-finite loss.
+  128 + N (`signal_exit_code`) stopped by signal N (130 Ctrl-C, 143 SIGTERM) after writing a checkpoint.
+
+Every entry point runs through `run_command`, which turns a FasttrainError into one line on stderr,
+`<prog>: error: <message>`, and its exit code.
 """
 
 from __future__ import annotations
@@ -12,8 +19,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 EXIT_OK = 0
+EXIT_TRAINER_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_SIGNAL_BASE = 128
+
+
+def signal_exit_code(signum: int) -> int:
+    """The exit code of a run stopped by signal `signum`, as a shell reports a process killed by it."""
+    return EXIT_SIGNAL_BASE + signum
 
 
 class FasttrainError(Exception):
@@ -37,7 +51,8 @@ class NonFiniteLoss(FasttrainError):
 
 
 def run_command(prog: str, command: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
-    """Run an entry point's `command(argv)`; a FasttrainError becomes one line on stderr and its exit code."""
+    """Run an entry point's `command(argv)` (argv: sys.argv[1:] when None) and return its exit code; a
+    FasttrainError becomes one line on stderr, `<prog>: error: <message>`, and its `exit_code`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return command(argv)

@@ -1,10 +1,9 @@
-"""`fasttrain eval RUN_DIR|CHECKPOINT [--tta-level N] [--data.dir DIR]`: the test accuracy of a finished run's
+"""`fasttrain eval RUN_DIR|CHECKPOINT [--tta-level N] [--data-dir DIR]`: the test accuracy of a finished run's
 final weights (RUN_DIR/model.safetensors) or of a checkpoint, printed and written to eval-tta<N>.json beside them."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import yaml
 
 from fasttrain import models
 from fasttrain.config import Config, build_config
-from fasttrain.errors import ConfigError, run_command
-from fasttrain.files import write_json
+from fasttrain.errors import EXIT_OK, ConfigError, run_command
+from fasttrain.files import read_json, write_json
 
 WEIGHTS = "model.safetensors"
 
@@ -23,7 +22,7 @@ def saved_config(target: Path) -> dict:
     """The configuration a run directory (config.yaml) or a checkpoint (meta.json) was trained with."""
     if (target / "meta.json").is_file():
         try:
-            return json.loads((target / "meta.json").read_text())["config"]
+            return read_json(target / "meta.json")["config"]
         except (ValueError, KeyError):
             raise ConfigError(f"{target / 'meta.json'} is damaged (no configuration in it)") from None
     if (target / "config.yaml").is_file():
@@ -62,7 +61,10 @@ def command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fasttrain eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="a run directory (with model.safetensors) or a checkpoint directory")
     parser.add_argument("--tta-level", type=int, choices=[0, 1, 2], default=None, help="default: the run's")
-    parser.add_argument("--data.dir", dest="data_dir", default=None, help="default: the run's data directory")
+    # --data.dir, the trainer's spelling of the same setting, is accepted too.
+    parser.add_argument(
+        "--data-dir", "--data.dir", dest="data_dir", default=None, help="default: the run's data directory"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch size")
     args = parser.parse_args(argv)
 
@@ -101,7 +103,7 @@ def command(argv: list[str]) -> int:
     write_json(target / f"eval-tta{level}.json", report)
     print(f"{target}: test accuracy {result['acc']:.4f} (TTA level {level}, {result['count']} images), "
           f"loss {result['loss']:.4f}; written to {target / f'eval-tta{level}.json'}")  # fmt: skip
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

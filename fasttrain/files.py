@@ -74,8 +74,9 @@ def fsync_tree(path: Path) -> None:
 
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; once the block has written it, fsync it and move it over `path`, so
-    readers (and a crash) see either the old or the new content, never half.
+    """Yield a temporary path beside `path`; once the block has written it, fsync it, move it over `path` and fsync
+    the directory (so the rename itself survives a crash): readers and a crash see either the old or the new
+    content, never half.
 
     The temporary file is created normally (not with mkstemp's 0600), so the result gets the usual permissions.
     """
@@ -87,6 +88,7 @@ def replacing(path: Path) -> Iterator[Path]:
         if temp.exists():
             fsync_path(temp)
         os.replace(temp, path)
+        fsync_path(path.parent)
     finally:
         temp.unlink(missing_ok=True)
 
@@ -95,6 +97,12 @@ def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` durably and all at once."""
     with replacing(path) as temp:
         temp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in `path` with the policy's non-finite spellings read back as floats (OSError, ValueError as
+    `json.loads` and `read_bytes` raise them)."""
+    return from_json_safe(json.loads(Path(path).read_bytes()))
 
 
 def write_json(path: Path, value: Any, indent: int = 1) -> None:

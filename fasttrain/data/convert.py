@@ -1,6 +1,7 @@
 """Convert CIFAR-10 from any supported source into ffcv .beton files plus a manifest, once.
 
-    python -m fasttrain.data.convert --source SRC --out DIR [--subset N] [--force] [--cache-dir D]
+    fasttrain convert --source SRC --out DIR [--subset N] [--force] [--cache-dir D]
+    python -m fasttrain.data.convert ...   (the same; what the trainer runs in its child process)
 
 SRC: `cifar10` (torchvision download), a cifar-10-batches-py folder or cifar-10-python.tar.gz, or an ImageFolder
 tree train/<class>/*, test/<class>/* as a folder or .tar/.tar.gz/.tgz archive (see fasttrain.data.sources, which
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import secrets
 import shutil
@@ -48,8 +48,9 @@ from fasttrain.data.manifest import (
     same_source,
     sha256_file,
     verify,
+    write_manifest,
 )
-from fasttrain.errors import DatasetError, FasttrainError
+from fasttrain.errors import EXIT_OK, DatasetError, run_command
 from fasttrain.files import fsync_path
 
 SUBSET_RULE = (
@@ -169,14 +170,6 @@ def _beton_manifest(source: str, ref: sources.SourceRef) -> dict[str, Any]:
     }
 
 
-def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    with open(folder / MANIFEST_NAME, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _check_destination(
     out: Path, source: str, ref: sources.SourceRef, subset: int | None, force: bool
 ) -> dict[str, Any] | None:
@@ -200,7 +193,7 @@ def _check_destination(
     try:
         manifest = read_manifest(out)
     except DatasetError as e:
-        raise DatasetError(f"{e}\nTo replace it: `{convert_command(source, out, subset, force=True)}`") from None
+        raise DatasetError(f"{e}; to replace it: `{convert_command(source, out, subset, force=True)}`") from None
     if same_source(manifest, ref.kind, ref.identity, subset):
         return manifest
     old = manifest.get("source", {})
@@ -262,8 +255,8 @@ def convert(
                 _write_beton(tmp / name, dataset.splits[split], progress)
                 fsync_path(tmp / name)
             manifest = _manifest(source, dataset, subset, tmp)
-        _write_manifest(tmp, manifest)
-        fsync_path(tmp)
+        write_manifest(tmp, manifest)
+        fsync_path(tmp)  # the renames inside it (manifest.json's) are durable before tmp becomes `out`
         _install(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
@@ -278,8 +271,8 @@ def convert(
     return manifest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fasttrain-convert", description=__doc__.split("\n\n")[0])
+def command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fasttrain convert", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--source",
         default="cifar10",
@@ -306,19 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
-        convert(
-            args.source,
-            args.out,
-            subset=args.subset,
-            force=args.force,
-            cache_dir=args.cache_dir,
-            progress=not args.quiet,
-        )
-    except FasttrainError as e:
-        print(e, file=sys.stderr)
-        return 2
-    return 0
+    convert(
+        args.source, args.out, subset=args.subset, force=args.force, cache_dir=args.cache_dir, progress=not args.quiet
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("fasttrain convert", command, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""manifest.json: what a data directory holds, `verify`, the check the trainer runs before using it, and where the
-loaders find the files (`beton_paths`) and their fields (`field_names`).
+"""manifest.json: what a data directory holds, how it is written (`write_manifest`) and read, `verify`, the check
+the trainer runs before using it, and where the loaders find the files (`beton_paths`) and their fields
+(`field_names`).
 
 Layout of a data directory converted by fasttrain: train.beton, test.beton, manifest.json. For existing .beton files
 given as the source (fasttrain.data.betons) it holds manifest.json only, and the manifest names the user's files by
@@ -10,12 +11,12 @@ and per-class counts, and each .beton's file, size and sha256.
 from __future__ import annotations
 
 import hashlib
-import json
 import shlex
 from pathlib import Path
 from typing import Any
 
 from fasttrain.errors import DatasetError
+from fasttrain.files import read_json, write_json
 
 MANIFEST_NAME = "manifest.json"
 BETON_NAMES = {"train": "train.beton", "test": "test.beton"}
@@ -58,10 +59,15 @@ def same_source(manifest: dict[str, Any], kind: str, path: str | None, subset: i
     return source.get("kind") != "torchvision" and source.get("path") == path
 
 
+def write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write `data_dir`/manifest.json durably and all at once (fasttrain.files' JSON policy)."""
+    write_json(Path(data_dir) / MANIFEST_NAME, manifest, indent=2)
+
+
 def read_manifest(data_dir: Path) -> dict[str, Any]:
     path = data_dir / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
     except FileNotFoundError:
         raise DatasetError(
             f"{path} is missing, so {data_dir} is not a converted data set; convert into it with "

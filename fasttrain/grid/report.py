@@ -4,13 +4,12 @@ results.csv, results.md and comparison.png (validation accuracy and training los
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fasttrain.files import replacing
+from fasttrain.files import read_json, replacing
 from fasttrain.grid.spec import Cell
 from fasttrain.tracking.metrics import read_metrics
 
@@ -67,7 +66,7 @@ class CellResult:
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())
+        return read_json(Path(run_dir) / "summary.json")
     except (OSError, ValueError):
         return None
 

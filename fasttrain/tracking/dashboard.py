@@ -9,12 +9,12 @@ offline. Every key comes from `wandb_keys`, the table the runs are logged with.
 """
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
 
-from fasttrain.errors import FasttrainError
+from fasttrain.errors import EXIT_OK, FasttrainError, run_command
+from fasttrain.files import dumps
 from fasttrain.tracking.wandb_keys import EPOCH, LR, ROW_KEYS, SUMMARY_COLUMNS, TRAIN_TIME
 from fasttrain.tracking.wandb_run import DEFAULT_PROJECT
 
@@ -108,7 +108,7 @@ def _default_entity() -> str:
     return entity
 
 
-def main(argv: list[str] | None = None) -> int:
+def command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fasttrain dashboard", description="Save fasttrain's W&B workspace (dashboard) to a project."
     )
@@ -118,15 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="print the workspace spec as JSON, save nothing")
     args = parser.parse_args(argv)
     project = args.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
-    try:
-        if args.print:
-            print(json.dumps(workspace_spec(build_workspace(project, args.entity, args.name)), indent=2))
-        else:
-            print(f"dashboard saved: {save_workspace(project, args.entity, args.name)}")
-    except FasttrainError as error:
-        print(f"fasttrain dashboard: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    if args.print:
+        print(dumps(workspace_spec(build_workspace(project, args.entity, args.name)), indent=2))
+    else:
+        print(f"dashboard saved: {save_workspace(project, args.entity, args.name)}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("fasttrain dashboard", command, argv)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,7 @@ def _logged_after(row: dict[str, Any], resume_step: int) -> bool:
 
 def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
     with replacing(path) as temp, open(temp, "w", encoding="utf-8") as out:
-        out.writelines(encode_row(row) + "\n" for row in rows)
-        out.flush()
-        os.fsync(out.fileno())
+        out.writelines(encode_row(row) + "\n" for row in rows)  # `replacing` fsyncs it before the rename
 
 
 class MetricsFile:

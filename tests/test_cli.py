@@ -1,0 +1,92 @@
+"""The one `fasttrain` command: its usage, each subcommand's --help, and a bad input per entry point answered with
+one `fasttrain <sub>: error: ...` line on stderr and exit code 2 (fasttrain/errors.py), never a traceback.
+
+Cheap commands run as the installed console script; the others in this process (a subprocess would import torch
+again for each), through the same `fasttrain.cli.main` the console script calls."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, env_for_tests
+
+from fasttrain import cli
+from fasttrain.errors import EXIT_BAD_INPUT, EXIT_OK
+
+FASTTRAIN = Path(sys.executable).with_name("fasttrain")
+W_AND_B_SETTINGS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_CONFIG_DIR", "NETRC")
+
+
+def run(cmd: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=tmp_path, env=env_for_tests(tmp_path), capture_output=True, text=True, timeout=120)
+
+
+def assert_one_error_line(rc: int, stderr: str, prog: str) -> str:
+    assert rc == EXIT_BAD_INPUT, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), stderr
+    return lines[0]
+
+
+def test_console_script_prints_its_usage_and_refuses_an_unknown_command(tmp_path):
+    usage = run([FASTTRAIN, "--help"], tmp_path)
+    assert usage.returncode == EXIT_OK and usage.stderr == ""
+    assert all(f"fasttrain {name}" in usage.stdout for name in cli.COMMANDS), usage.stdout
+
+    unknown = run([FASTTRAIN, "trian"], tmp_path)
+    line = assert_one_error_line(unknown.returncode, unknown.stderr, "fasttrain")
+    assert "unknown command 'trian'" in line and "train" in line
+    assert unknown.stdout == ""
+
+    bare = run([FASTTRAIN], tmp_path)
+    assert bare.returncode == EXIT_BAD_INPUT and "fasttrain COMMAND" in bare.stderr and bare.stdout == ""
+
+
+def test_console_script_reports_a_bad_input_in_one_line(tmp_path):
+    missing = tmp_path / "missing.tar.gz"
+    result = run([FASTTRAIN, "convert", "--source", str(missing), "--out", str(tmp_path / "out")], tmp_path)
+    assert str(missing) in assert_one_error_line(result.returncode, result.stderr, "fasttrain convert")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_module_prints_its_help(tmp_path):
+    result = run([sys.executable, "-m", "fasttrain.train", "--help"], REPO)
+    assert result.returncode == EXIT_OK, result.stderr[-2000:]
+    assert "fasttrain train" in result.stdout and "--train.lr" in result.stdout
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_each_subcommand_help_names_it(name, capsys):
+    try:
+        rc = cli.main([name, "--help"])
+    except SystemExit as done:  # argparse's --help
+        rc = done.code
+    assert rc == EXIT_OK
+    assert f"fasttrain {name}" in capsys.readouterr().out
+
+
+@pytest.fixture
+def without_wandb_login(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in W_AND_B_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["convert", "--source", "{tmp}/missing", "--out", "{tmp}/out"], "{tmp}/missing"),
+        (["eval", "{tmp}/not-a-run"], "neither a run directory"),
+        (["compare", "--out", "{tmp}/out"], "--grid NAME|PATH is required"),
+        (["dashboard", "--project", "p"], "wandb login"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) else "",
+)
+def test_bad_input_is_one_line_and_exit_2(argv, expected, tmp_path, capfd, without_wandb_login):
+    rc = cli.main([arg.format(tmp=tmp_path) for arg in argv])
+    captured = capfd.readouterr()
+    line = assert_one_error_line(rc, captured.err, f"fasttrain {argv[0]}")
+    assert expected.format(tmp=tmp_path) in line
+    assert not (tmp_path / "out").exists()
