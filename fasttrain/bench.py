@@ -15,13 +15,17 @@ overhead: fasttrain's step engine (through Accelerate, as the trainer builds it)
 fed by the resident loader's augmented batches of DIR, repeats interleaved in one process; overhead is the median
 of the per-repeat relative differences in step time.
 e2e: the trainer end to end in a subprocess; reads its summary.json (time to target, accuracies, images/s, times).
+
+step and overhead decide nothing themselves: their flags become the trainer's configuration (`--precision` is
+train.mixed_precision, `--compile` train.compile, ...; everything else the defaults), and fasttrain.loop.resolve's
+RunPlan for it (precision, compile, fused optimisers, device, data mode, workers) is what they run and report,
+under "plan" in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import socket
@@ -38,15 +42,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 
 import fasttrain
 from fasttrain import models
-from fasttrain.config import MODE_ALIASES, Config, DataSection, TrainSection, coerce
-from fasttrain.errors import ConfigError, FasttrainError
-from fasttrain.files import dumps
+from fasttrain.config import Config, DataSection, build_config
+from fasttrain.data.loaders import MODE_ALIASES
+from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, FasttrainError, run_command
+from fasttrain.files import dumps, read_json
 from fasttrain.loop.optim import build_optimizers, build_schedulers
-from fasttrain.loop.resolve import precision_for
+from fasttrain.loop.resolve import RunPlan, configure_backends, make_accelerator, resolve, usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,58 +146,111 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-# --- models, batches and the bare training step -------------------------------------------------------------------
+# --- the run plan, models, batches and the bare training step -----------------------------------------------------
+
+COMPILE_SETTING = {None: "auto", True: "on", False: "off"}  # --compile / --no-compile / neither
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The trainer's rule (fasttrain.loop.resolve.precision_for), without a launcher."""
-    return precision_for(precision, device, launcher=None)
-
-
-def model_kwargs(name: str, pairs: Sequence[str]) -> dict[str, Any]:
-    """`--model-arg widths=8,16` pairs, coerced to the types of the model's constructor (as the trainer's config)."""
-    params = models.describe(name)
-    kwargs = {}
+def model_overrides(name: str, pairs: Sequence[str]) -> list[tuple[str, str, str]]:
+    """`--model-arg widths=8,16` pairs as the trainer's `--model.widths 8,16` overrides (typed by the config)."""
+    overrides = []
     for pair in pairs:
         key, eq, value = pair.partition("=")
-        if not eq or key not in params:
-            raise ConfigError(f"--model-arg {pair!r}: expected KEY=VALUE with KEY one of {', '.join(params)}")
-        kwargs[key] = coerce(f"model.{key}", value, params[key].annotation)
-    return kwargs
+        if not eq:
+            valid = ", ".join(models.describe(name))
+            raise ConfigError(f"--model-arg {pair!r}: expected KEY=VALUE with KEY one of {valid}")
+        overrides.append(("model", key, value))
+    return overrides
 
 
-def make_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    torch.manual_seed(args.seed)
-    model = models.create(args.model, **model_kwargs(args.model, args.model_arg))
-    info = {"params": models.count_params(model), "flops_per_image": models.flops_per_image(model)}
-    model = model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model.train(), info
+def config_from_flags(args: argparse.Namespace) -> Config:
+    """The trainer's configuration that the step/overhead flags stand for; every other setting is the default."""
+    overrides = [
+        ("run", "seed", str(args.seed)),
+        ("model", "name", args.model),
+        *model_overrides(args.model, args.model_arg),
+        ("train", "batch_size", str(args.batch_size)),
+        ("train", "mixed_precision", args.precision),
+        ("train", "channels_last", str(args.channels_last)),
+        ("train", "compile", COMPILE_SETTING[args.compile]),
+        ("train", "compile_mode", args.compile_mode),
+    ]
+    if getattr(args, "data", None) is not None:
+        # overhead measures on the resident loader (the trainer's choice on CUDA) on every device
+        overrides += [("data", "dir", str(args.data)), ("data", "mode", "resident")]
+    return build_config(None, overrides)
 
 
-def synthetic_batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch_size, 3, 32, 32, generator=generator)
-    labels = torch.randint(0, 10, (args.batch_size,), generator=generator)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    return images.to(device).contiguous(memory_format=fmt), labels.to(device)
+@contextmanager
+def accelerate_on_cpu(wanted: bool) -> Iterator[None]:
+    """`accelerate launch --cpu`'s setting (ACCELERATE_USE_CPU) meanwhile, if `wanted`: the Accelerator then runs
+    on the CPU even where CUDA is visible."""
+    saved = os.environ.get("ACCELERATE_USE_CPU")
+    if wanted:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ACCELERATE_USE_CPU", None)
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = saved
+
+
+def plan_for(cfg: Config, device_flag: str | None) -> tuple[Accelerator, RunPlan]:
+    """The Accelerator and the trainer's RunPlan for `cfg` (precision, compile, fused optimisers, ... decided once,
+    by fasttrain.loop.resolve) on the device `--device` names, by default where the trainer would run."""
+    wanted = resolve_device(device_flag)
+    with accelerate_on_cpu(wanted.type == "cpu"):
+        accelerator, notes = make_accelerator(cfg)
+    if accelerator.device.type != wanted.type:
+        raise BenchError(f"the trainer would run on {accelerator.device}; --device {device_flag} differs")
+    plan = resolve(cfg, accelerator, notes)
+    configure_backends(plan)
+    for note in plan.notes:
+        log(f"note: {note}")
+    return accelerator, plan
+
+
+def make_model(cfg: Config, plan: RunPlan) -> tuple[nn.Module, dict[str, Any]]:
+    """The configured model as the trainer builds it, on the plan's device in training mode, and its size."""
+    from fasttrain.train import build_model
+
+    torch.manual_seed(cfg.run.seed)
+    model, info = build_model(cfg, plan)
+    return model.to(plan.device).train(), info
+
+
+def synthetic_batch(cfg: Config, plan: RunPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    images = torch.randn(plan.batch_size_per_device, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (plan.batch_size_per_device,), generator=generator)
+    fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
+    return images.to(plan.device).contiguous(memory_format=fmt), labels.to(plan.device)
+
+
+def make_optimizers(model: nn.Module, cfg: Config, plan: RunPlan) -> list[torch.optim.Optimizer]:
+    return build_optimizers(model, cfg.train, cfg.param_groups, plan.batch_size_global, fused=plan.fused_optimizer)
 
 
 def bare_step(
-    forward: Callable, optimizer: torch.optim.Optimizer, batches: Iterator, precision: str, scheduler=None
+    forward: Callable,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator,
+    precision: str,
+    label_smoothing: float,
+    scheduler=None,
 ) -> Callable[[], None]:
     """One plain PyTorch training step on the next batch, with the trainer's loss: torch.autocast, backward,
     optimizer step, schedule step."""
     device_type = "cuda" if torch.cuda.is_available() and precision != "no" else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
-    smoothing = TrainSection().label_smoothing
 
     def step() -> None:
         images, labels = next(batches)
         with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(forward(images).float(), labels, label_smoothing=smoothing)
+            loss = F.cross_entropy(forward(images).float(), labels, label_smoothing=label_smoothing)
         if scaler is None:
             loss.backward()
             optimizer.step()
@@ -218,8 +277,8 @@ def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from loader
 
 
-def maybe_compile(module: nn.Module, args: argparse.Namespace) -> Callable:
-    return torch.compile(module, mode=args.compile_mode) if args.compile else module
+def maybe_compile(module: nn.Module, plan: RunPlan) -> Callable:
+    return torch.compile(module, mode=plan.compile_mode) if plan.compile else module
 
 
 def warm_up(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> float:
@@ -235,41 +294,50 @@ def throughput(seconds: list[float], args: argparse.Namespace) -> list[float]:
     return [args.steps * args.batch_size / s for s in seconds]
 
 
-def compile_seconds(warmup_s: float, step_s: float, args: argparse.Namespace) -> float:
+def compile_seconds(warmup_s: float, step_s: float, args: argparse.Namespace, plan: RunPlan) -> float:
     """Warm-up time beyond what its steps cost at the measured steady rate: compilation, autotuning, graph capture."""
-    return max(0.0, warmup_s - args.warmup_steps * step_s) if args.compile else 0.0
+    return max(0.0, warmup_s - args.warmup_steps * step_s) if plan.compile else 0.0
 
 
-def _model_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _model_settings(args: argparse.Namespace, cfg: Config, plan: RunPlan) -> dict[str, Any]:
     return {
-        "model": args.model,
-        "model_args": dict(model_kwargs(args.model, args.model_arg)),
-        "batch_size": args.batch_size,
-        "precision": args.precision,
-        "channels_last": args.channels_last,
-        "compile": args.compile,
-        "compile_mode": args.compile_mode if args.compile else None,
+        "model": cfg.model["name"],
+        "model_args": {key: value for key, value in cfg.model.items() if key != "name"},
+        "batch_size": plan.batch_size_global,
+        "precision": plan.mixed_precision,
+        "channels_last": plan.channels_last,
+        "compile": plan.compile,
+        "compile_mode": plan.compile_mode if plan.compile else None,
         "steps": args.steps,
         "repeats": args.repeats,
         "warmup_steps": args.warmup_steps,
-        "device": str(device),
+        "device": plan.device,
     }
 
 
-def _resolve_model_options(args: argparse.Namespace, device: torch.device) -> None:
-    args.precision = resolve_precision(args.precision, device)
-    if args.compile is None:
-        args.compile = device.type == "cuda"
+def _check_counts(args: argparse.Namespace) -> None:
     for key in ("steps", "repeats", "warmup_steps", "batch_size"):
-        if getattr(args, key) < (0 if key == "warmup_steps" else 1):
-            raise BenchError(f"--{key.replace('_', '-')} must be >= {0 if key == 'warmup_steps' else 1}")
-    if args.compile and args.warmup_steps < 1:
-        raise BenchError("--compile needs --warmup-steps >= 1, or compilation would be timed as training")
+        least = 0 if key == "warmup_steps" else 1
+        if getattr(args, key) < least:
+            raise BenchError(f"--{key.replace('_', '-')} must be >= {least}")
+
+
+def _check_warm_up_holds_compilation(args: argparse.Namespace, plan: RunPlan) -> None:
+    if plan.compile and args.warmup_steps < 1:
+        raise BenchError("compiling needs --warmup-steps >= 1, or compilation would be timed as training")
 
 
 def _train_tflops(info: dict[str, Any], images_per_sec: float) -> float:
     # Backward costs about twice the forward: a training step is ~3x the forward FLOPs.
     return 3 * info["flops_per_image"] * images_per_sec / 1e12
+
+
+def clamp_workers(requested: int) -> int:
+    """`requested` ffcv threads, at most the CPUs this process may use (as the trainer clamps data.workers)."""
+    cpus = usable_cpus()
+    if requested > cpus:
+        log(f"loader: --workers {requested} clamped to {cpus}: this process may use {cpus} CPUs")
+    return min(requested, cpus)
 
 
 # --- sub-commands ---------------------------------------------------------------------------------------------
@@ -278,14 +346,11 @@ def _train_tflops(info: dict[str, Any], images_per_sec: float) -> float:
 def cmd_loader(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     from fasttrain.data.loaders import build_loaders
     from fasttrain.data.throughput import measure_loader
-    from fasttrain.loop.resolve import usable_cpus
 
     device = resolve_device(args.device)
     if args.epochs < 2:
         raise BenchError("--epochs must be >= 2: the first epoch is warm-up")
-    workers = min(args.workers, usable_cpus())
-    if workers < args.workers:
-        log(f"loader: --workers {args.workers} clamped to {workers}: this process may use {usable_cpus()} CPUs")
+    workers = clamp_workers(args.workers)
     modes = ["stream", "resident"] if args.mode == "both" else [MODE_ALIASES.get(args.mode, args.mode)]
     per_mode = {}
     for mode in modes:
@@ -325,15 +390,21 @@ def cmd_loader(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
 
 
 def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
-    device = resolve_device(args.device)
-    _resolve_model_options(args, device)
-    model, info = make_model(args, device)
-    images, labels = synthetic_batch(args, device)
-    optimizer = _optimizer(model, args)
-    step = bare_step(maybe_compile(model, args), optimizer, repeat_batch(images, labels), args.precision)
+    _check_counts(args)
+    cfg = config_from_flags(args)
+    _, plan = plan_for(cfg, args.device)
+    _check_warm_up_holds_compilation(args, plan)
+    device = torch.device(plan.device)
+    model, info = make_model(cfg, plan)
+    (optimizer,) = make_optimizers(model, cfg, plan)
+    step = bare_step(
+        maybe_compile(model, plan), optimizer, repeat_batch(*synthetic_batch(cfg, plan)), plan.mixed_precision,
+        cfg.train.label_smoothing,
+    )  # fmt: skip
     log(
-        f"step: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
-        f"compile={args.compile} on {device}: {args.warmup_steps} warm-up steps, then {args.repeats} x {args.steps}"
+        f"step: {cfg.model['name']} batch {plan.batch_size_global} {plan.mixed_precision} "
+        f"channels_last={plan.channels_last} compile={plan.compile} on {device}: {args.warmup_steps} warm-up steps, "
+        f"then {args.repeats} x {args.steps}"
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -344,13 +415,14 @@ def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     result = {
         "command": "step",
         "env": environment(device),
-        "settings": _model_settings(args, device),
+        "settings": _model_settings(args, cfg, plan),
+        "plan": plan.as_dict(),
         **info,
         "images_per_sec": median(rates),
         "images_per_sec_repeats": rates,
         "step_time_ms": 1000 * step_s,
         "warmup_s": warmup_s,
-        "compile_time_s": compile_seconds(warmup_s, step_s, args),
+        "compile_time_s": compile_seconds(warmup_s, step_s, args, plan),
         "train_tflops_est": _train_tflops(info, median(rates)),
     }
     if device.type == "cuda":
@@ -362,77 +434,62 @@ def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     return result
 
 
-def _train_section(args: argparse.Namespace) -> TrainSection:
-    return TrainSection(batch_size=args.batch_size)
+def training_loader(cfg: Config, plan: RunPlan):
+    """The trainer's training loader for `cfg` and `plan`: its data mode, augmentation and seed."""
+    from fasttrain.data.loaders import build_loaders
 
-
-def _optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    t = _train_section(args)
-    (optimizer,) = build_optimizers(
-        model, t, {}, args.batch_size, fused=torch.device(model_device(model)).type == "cuda"
-    )
-    return optimizer
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    d = cfg.data
+    train, _ = build_loaders(
+        d.dir, mode=plan.data_mode, batch_size=plan.batch_size_per_device, eval_batch_size=d.eval_batch_size,
+        workers=plan.workers, device=plan.device, flip=d.flip, flip_mode=d.flip_mode, translate=d.translate,
+        translate_fill=d.translate_fill, cutout=d.cutout, cutout_fill=d.cutout_fill, seed=cfg.run.seed,
+        channels_last=plan.channels_last,
+    )  # fmt: skip
+    return train
 
 
 def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
-    from fasttrain.data.loaders import build_loaders
     from fasttrain.loop.engine import StepEngine
-    from fasttrain.loop.resolve import make_accelerator
 
     if args.data is None:
         raise BenchError("overhead needs --data DIR (a converted data set): both loops train on its augmented batches")
-    wanted = resolve_device(args.device)
-    cfg = Config()
-    cfg.train.mixed_precision = resolve_precision(args.precision, wanted)
-    accelerator, _ = make_accelerator(cfg)
-    device = accelerator.device
-    if device.type != wanted.type:
-        raise BenchError(f"overhead runs where the trainer would ({device}); --device {args.device} differs")
-    _resolve_model_options(args, device)
-
-    def loader():  # the trainer's resident loader with the default augmentation; the same seed in both loops
-        d = DataSection()
-        train, _ = build_loaders(
-            args.data, mode="resident", batch_size=args.batch_size, eval_batch_size=d.eval_batch_size, workers=1,
-            device=device, flip=d.flip, translate=d.translate, cutout=d.cutout, seed=args.seed,
-            channels_last=args.channels_last,
-        )  # fmt: skip
-        return train
-
-    bare_loader, loop_loader = loader(), loader()
+    _check_counts(args)
+    cfg = config_from_flags(args)
+    accelerator, plan = plan_for(cfg, args.device)
+    _check_warm_up_holds_compilation(args, plan)
+    device, t = torch.device(plan.device), cfg.train
+    bare_loader, loop_loader = training_loader(cfg, plan), training_loader(cfg, plan)  # the same batches
     steps_per_epoch = len(bare_loader)
-    t = _train_section(args)
-    bare_model, info = make_model(args, device)
+    bare_model, info = make_model(cfg, plan)
     loop_model = copy.deepcopy(bare_model)  # the same initial weights in both loops
 
-    optimizers = build_optimizers(loop_model, t, {}, args.batch_size, fused=device.type == "cuda")
-    schedulers = build_schedulers(optimizers, t, {}, steps_per_epoch)
+    optimizers = make_optimizers(loop_model, cfg, plan)
+    schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)
     prepared_model, *prepared = accelerator.prepare(loop_model, *optimizers, *schedulers)
     engine = StepEngine(
-        prepared_model, prepared[:1], prepared[1:], accelerator, forward=maybe_compile(prepared_model, args),
-        label_smoothing=t.label_smoothing,
+        prepared_model, prepared[: len(optimizers)], prepared[len(optimizers) :], accelerator,
+        forward=maybe_compile(prepared_model, plan), label_smoothing=t.label_smoothing,
+        loss_reduction=t.loss_reduction, grad_clip=t.grad_clip, nonfinite=t.nonfinite,
     )  # fmt: skip
     loop_batches = endless(loop_loader)
 
     def fasttrain_step() -> None:
         engine.step(*next(loop_batches))
 
-    bare_optimizer = _optimizer(bare_model, args)
-    (bare_scheduler,) = build_schedulers([bare_optimizer], t, {}, steps_per_epoch)
+    (bare_optimizer,) = make_optimizers(bare_model, cfg, plan)
+    (bare_scheduler,) = build_schedulers([bare_optimizer], t, cfg.param_groups, steps_per_epoch)
     loops = {
         "fasttrain": fasttrain_step,
         "bare": bare_step(
-            maybe_compile(bare_model, args), bare_optimizer, endless(bare_loader), args.precision, bare_scheduler
+            maybe_compile(bare_model, plan), bare_optimizer, endless(bare_loader), plan.mixed_precision,
+            t.label_smoothing, bare_scheduler,
         ),
-    }
+    }  # fmt: skip
     log(
-        f"overhead: {args.model} batch {args.batch_size} {args.precision} channels_last={args.channels_last} "
-        f"compile={args.compile} on {device}, accelerate {accelerator.distributed_type.value}, data {args.data}: "
-        f"{args.repeats} interleaved repeats x {args.steps} steps per loop"
+        f"overhead: {cfg.model['name']} batch {plan.batch_size_global} {plan.mixed_precision} "
+        f"channels_last={plan.channels_last} compile={plan.compile} on {device}, accelerate "
+        f"{accelerator.distributed_type.value}, data {args.data} ({plan.data_mode}): {args.repeats} interleaved "
+        f"repeats x {args.steps} steps per loop"
     )
     warmup_s = {name: warm_up(step, args, device) for name, step in loops.items()}
     seconds: dict[str, list[float]] = {name: [] for name in loops}
@@ -446,7 +503,8 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     result = {
         "command": "overhead",
         "env": environment(device),
-        "settings": {**_model_settings(args, device), "data": str(args.data)},
+        "settings": {**_model_settings(args, cfg, plan), "data": str(args.data)},
+        "plan": plan.as_dict(),
         **info,
         "accelerator": {
             "mixed_precision": accelerator.mixed_precision,
@@ -461,7 +519,7 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         "fasttrain_step_time_ms": 1000 * median(seconds["fasttrain"]) / args.steps,
         "bare_step_time_ms": 1000 * median(seconds["bare"]) / args.steps,
         "compile_time_s": {
-            name: compile_seconds(warmup_s[name], median(seconds[name]) / args.steps, args) for name in loops
+            name: compile_seconds(warmup_s[name], median(seconds[name]) / args.steps, args, plan) for name in loops
         },
         "warmup_s": warmup_s,
         "fasttrain_loop": "StepEngine.step through Accelerate (autocast, backward, optimizer and schedule steps, "
@@ -523,7 +581,7 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     process_wall_s = time.perf_counter() - t0
     if not summary_path.exists():
         raise BenchError(f"the trainer exited {proc.returncode} without writing {summary_path} (its output is above)")
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path)
     keys = (
         "status",
         "exit_code",
@@ -618,7 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("overhead", "fasttrain's loop (Accelerate) vs a bare PyTorch loop"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--model", default="resnet9_ffcv", choices=models.names())
+        p.add_argument(
+            "--model",
+            default="resnet9_ffcv",
+            choices=[*models.names(), *models.former_names()],
+            metavar="{" + ",".join(models.names()) + "}",
+            help="; ".join(f"{old}: the former name of {new}" for old, new in models.former_names().items()),
+        )
         p.add_argument(
             "--model-arg",
             action="append",
@@ -634,7 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="auto: bf16 on CUDA, no (fp32) on a CPU",
         )
         p.add_argument("--channels-last", action=bool_flag, default=True)
-        p.add_argument("--compile", action=bool_flag, default=None, help="torch.compile (default: on CUDA only)")
+        p.add_argument(
+            "--compile",
+            action=bool_flag,
+            default=None,
+            help="torch.compile (default: train.compile auto, on CUDA only)",
+        )
         p.add_argument(
             "--compile-mode",
             default="default",
@@ -676,8 +745,7 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def command(argv: list[str]) -> int:
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
@@ -686,16 +754,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if extra and args.command != "e2e":
         parser.error(f"arguments after -- are trainer options, for e2e only: {' '.join(extra)}")
-    try:
-        with stdout_to_stderr():
-            result = COMMANDS[args.command](args, extra)
-    except FasttrainError as e:
-        print(f"fasttrain bench: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+    with stdout_to_stderr():
+        result = COMMANDS[args.command](args, extra)
     print(dumps(result), flush=True)
     if args.command == "e2e" and result.get("process_exit_code"):
-        return 1
-    return 0
+        return EXIT_TRAINER_FAILED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("fasttrain bench", command, argv)
 
 
 if __name__ == "__main__":

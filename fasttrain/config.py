@@ -1,7 +1,9 @@
 """The run configuration: typed sections, YAML recipes, `--section.key value` overrides, validation.
 
 A run's configuration is built in three layers, each overriding the last:
-  1. the defaults below (they are the resnet9 recipe),
+  1. the defaults below: the resnet9 recipe's schedule and augmentation, but general-purpose where FFCV's example
+     is particular (`recipe_changes("resnet9")` lists where: the model, resnet9_myrtle here; zero fills, not the
+     mean colour; no weight decay on BatchNorm and biases; a checkpoint every epoch, not only at the end),
   2. a YAML recipe (`--config path/to/recipe.yaml`, or just `--config resnet9` for a recipe shipped in
      fasttrain/recipes/),
   3. command-line overrides, `--train.lr 0.4 --model.widths 32,64,128`.
@@ -143,14 +145,14 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointSection,
     "wandb": WandbSection,
 }
-MODE_ALIASES = {"gpu": "resident", "ffcv": "stream"}
+DEFAULT_MODEL = "resnet9_myrtle"
 
 
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "resnet9"})
+    model: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_MODEL})
     train: TrainSection = field(default_factory=TrainSection)
     param_groups: dict[str, ParamGroup] = field(default_factory=dict)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -348,6 +350,8 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str, s
 
 
 def build_config(config_path: str | None, overrides: list[tuple[str, str, str]] = ()) -> Config:
+    from fasttrain.data.loaders import MODE_ALIASES  # imports torch: only when a config is built
+
     cfg = Config()
     if config_path is not None:
         path = resolve_recipe(config_path)
@@ -366,14 +370,30 @@ def build_config(config_path: str | None, overrides: list[tuple[str, str, str]] 
     return cfg
 
 
+def with_current_names(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as a dict (a checkpoint's, say) with former model and data-mode names replaced by the current ones,
+    as `build_config` replaces them, so an old run compares equal to the same run asked for today."""
+    from fasttrain import models
+    from fasttrain.data.loaders import MODE_ALIASES
+
+    model, data = dict(config.get("model", {})), dict(config.get("data", {}))
+    if "name" in model:
+        model["name"] = models.former_names().get(model["name"], model["name"])
+    if "mode" in data:
+        data["mode"] = MODE_ALIASES.get(data["mode"], data["mode"])
+    return {**config, "model": model, "data": data}
+
+
 def _check_model(cfg: Config) -> None:
     from fasttrain import models
 
     name = cfg.model.get("name")
     if name is None:
         raise ConfigError(f"model.name is missing. Models: {', '.join(models.names())}")
-    if name not in models.names():
-        raise ConfigError(f"model.name: unknown model '{name}'. Models: {', '.join(models.names())}")
+    try:
+        name = models.canonical_name(name)  # a former name (resnet9) is reported under the current one
+    except ConfigError:
+        raise ConfigError(f"model.name: unknown model '{name}'. Models: {', '.join(models.names())}") from None
     params = models.describe(name)
     checked = {"name": name}
     for key, value in cfg.model.items():
@@ -447,13 +467,30 @@ def load_config(argv: list[str], default_recipe: str | None = None) -> Config:
     return build_config(config_path or default_recipe, overrides)
 
 
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
+def recipe_changes(recipe: str) -> dict[str, Any]:
+    """`section.key -> value` of every setting where the shipped `recipe` departs from the defaults."""
+    defaults, changed = _flat(Config().to_dict()), _flat(build_config(recipe).to_dict())
+    return {key: value for key, value in changed.items() if defaults.get(key, "<unset>") != value}
+
+
 def help_text() -> str:
-    lines = ["Options (--section.key value); defaults shown are the resnet9 recipe's:"]
+    resnet9 = ", ".join(f"{key} {value}" for key, value in recipe_changes("resnet9").items())
+    lines = [
+        "Options (--section.key value) with their defaults, which apply wherever a recipe sets nothing.",
+        f"The resnet9 recipe sets the same, except: {resnet9}.",
+    ]
     for name, cls in [*SECTIONS.items(), ("param_groups.NAME", ParamGroup)]:
         defaults = cls()
         for f in dataclasses.fields(cls):
             lines.append(f"  --{name}.{f.name:<18} {getattr(defaults, f.name)!r:<12} {f.metadata.get('help', '')}")
-    lines.append("  --model.name NAME          and that model's own arguments (see fasttrain.models.describe)")
+    lines.append(
+        f"  --model.name NAME          default {DEFAULT_MODEL!r}, and that model's own arguments "
+        "(see fasttrain.models.describe)"
+    )
     lines.append("  --config RECIPE            a YAML file or a shipped recipe: " + ", ".join(recipe_names()))
     lines.append("  --resume auto|force|DIR    short for --run.resume")
     return "\n".join(lines)

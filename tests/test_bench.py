@@ -87,6 +87,9 @@ def test_step_reports_median_throughput_and_compile_time_apart():
     assert len(result["images_per_sec_repeats"]) == 2
     assert result["images_per_sec"] > 0 and result["step_time_ms"] > 0 and result["warmup_s"] > 0
     assert result["compile_time_s"] == 0.0 and result["params"] > 0 and result["flops_per_image"] > 0
+    plan = result["plan"]  # the trainer's RunPlan, which the step ran
+    assert (plan["mixed_precision"], plan["compile"], plan["device"]) == ("bf16", False, "cpu")
+    assert plan["batch_size_global"] == 32 and plan["fused_optimizer"] is False
 
 
 def test_overhead_compares_fasttrain_loop_with_bare_loop(data_dir):
@@ -94,7 +97,8 @@ def test_overhead_compares_fasttrain_loop_with_bare_loop(data_dir):
     check_common(result, "overhead")
     assert result["fasttrain_images_per_sec"] > 0 and result["bare_images_per_sec"] > 0
     assert isinstance(result["overhead_pct"], float) and len(result["overhead_pct_repeats"]) == 2
-    assert result["accelerator"]["mixed_precision"] == "no"
+    assert result["accelerator"]["mixed_precision"] == "no" == result["plan"]["mixed_precision"]
+    assert result["plan"]["data_mode"] == "resident"
 
 
 def test_bad_option_is_a_clear_error_without_json(capfd):
@@ -167,3 +171,16 @@ def test_e2e_runs_the_trainer_and_reads_its_summary(data_dir, tmp_path):
     for key in ("images_per_sec", "train_time_s", "wall_time_s", "process_wall_s"):
         assert result[key] > 0, key
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_loader_clamps_workers_to_the_cpus_with_a_one_line_notice(data_dir):
+    from fasttrain.loop.resolve import usable_cpus
+
+    cpus, asked = usable_cpus(), usable_cpus() + 7
+    proc, result = bench(
+        "loader", "--data", str(data_dir), "--mode", "resident", "--batch-size", "250", "--workers", str(asked),
+        "--epochs", "2", "--device", "cpu",
+    )  # fmt: skip
+    notices = [line for line in proc.stderr.splitlines() if "clamped" in line]
+    assert notices == [f"[bench] loader: --workers {asked} clamped to {cpus}: this process may use {cpus} CPUs"]
+    assert (result["settings"]["workers"], result["settings"]["workers_requested"]) == (cpus, asked)

@@ -199,3 +199,14 @@ def test_saving_over_a_damaged_checkpoint_of_the_same_step_sets_it_aside(run, tm
 
     run.save_at(tmp_path, 20)  # an intact checkpoint of the same step (interrupt right after an epoch-end save)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([s10.name, resaved.name, aside.name])
+
+
+def test_former_model_and_mode_names_are_not_differences():
+    saved = {"model": {"name": "resnet9"}, "data": {"mode": "gpu"}, "train": {"lr": 0.5}}
+    same = {"model": {"name": "resnet9_myrtle"}, "data": {"mode": "resident"}, "train": {"lr": 0.5}}
+    assert checkpoint.config_differences(saved, same) == []
+    other = {"model": {"name": "resnet9_ffcv"}, "data": {"mode": "stream"}, "train": {"lr": 0.5}}
+    assert [line.strip() for line in checkpoint.config_differences(saved, other)] == [
+        "data.mode: checkpoint='resident'  now='stream'",
+        "model.name: checkpoint='resnet9_myrtle'  now='resnet9_ffcv'",
+    ]

@@ -13,30 +13,34 @@ from fasttrain.errors import ConfigError
 from fasttrain.models import (
     DeepCNN,
     PlainBlock,
+    Residual,
     ResidualBlock,
     SkipConnectionBlock,
+    canonical_name,
     count_params,
     create,
     describe,
     flops_per_image,
+    former_names,
     names,
     register,
 )
+from fasttrain.models.layers import Mul
 
 # Small variants of every registered model, so the slower checks stay fast on CPU.
 SMALL_KWARGS: dict[str, dict[str, object]] = {
     "airbench94": {"widths": (8, 16, 16)},
     "deepcnn": {"widths": (8, 16), "blocks": (1, 1)},
-    "resnet9": {"width_mult": 0.125},
     "resnet9_ffcv": {"width_mult": 0.125},
+    "resnet9_myrtle": {"width_mult": 0.125},
     "resnet18": {"width": 8},
 }
 COMPILE_CASES = [
     ("deepcnn", {**SMALL_KWARGS["deepcnn"], "block": "plain"}),
     ("deepcnn", {**SMALL_KWARGS["deepcnn"], "block": "residual"}),
     ("deepcnn", {**SMALL_KWARGS["deepcnn"], "block": "skip"}),
-    ("resnet9", SMALL_KWARGS["resnet9"]),
     ("resnet9_ffcv", SMALL_KWARGS["resnet9_ffcv"]),
+    ("resnet9_myrtle", SMALL_KWARGS["resnet9_myrtle"]),
     ("resnet18", SMALL_KWARGS["resnet18"]),
     ("airbench94", SMALL_KWARGS["airbench94"]),
 ]
@@ -48,7 +52,55 @@ def _seed() -> None:
 
 
 def test_small_kwargs_cover_every_model() -> None:
-    assert sorted(SMALL_KWARGS) == names() == ["airbench94", "deepcnn", "resnet18", "resnet9", "resnet9_ffcv"]
+    assert sorted(SMALL_KWARGS) == names() == ["airbench94", "deepcnn", "resnet18", "resnet9_ffcv", "resnet9_myrtle"]
+
+
+def _conv_specs(module: nn.Module) -> list[tuple[int, int, int, int, int]]:
+    """(in, out, kernel, stride, padding) of every conv, in order."""
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs]
+
+
+def test_resnet9_ffcv_is_the_network_of_ffcvs_cifar_example() -> None:
+    """FFCV examples/cifar/train_cifar.py's construct_model: conv 64 -> 5x5 stride-2 conv 128 -> residual ->
+    256 -> pool -> residual -> 3x3 conv to 128 without padding -> global max pool -> linear x0.2."""
+    model = create("resnet9_ffcv")
+    assert count_params(model) == 2_274_880
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    layers = [type(layer).__name__ for layer in model]
+    assert layers == [
+        "Sequential", "Sequential", "Residual", "Sequential", "MaxPool2d", "Residual", "Sequential",
+        "AdaptiveMaxPool2d", "Flatten", "Linear", "Mul",
+    ]  # fmt: skip
+    assert _conv_specs(model) == [
+        (3, 64, 3, 1, 1),
+        (64, 128, 5, 2, 2),
+        (128, 128, 3, 1, 1),  # the first residual's two convs
+        (128, 128, 3, 1, 1),
+        (128, 256, 3, 1, 1),
+        (256, 256, 3, 1, 1),  # the second residual's, after the pool
+        (256, 256, 3, 1, 1),
+        (256, 128, 3, 1, 0),  # unpadded: 8x8 -> 6x6
+    ]
+    assert [len(_conv_specs(model[i])) for i in (2, 5)] == [2, 2] and all(
+        isinstance(model[i], Residual) for i in (2, 5)
+    )
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 8
+    assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == 8
+    assert nn.Sequential(*list(model)[:7])(torch.randn(1, 3, 32, 32)).shape == (1, 128, 6, 6)
+    head, scale = model[9], model[10]
+    assert (head.in_features, head.out_features, head.bias) == (128, 10, None)
+    assert isinstance(scale, Mul) and scale.scale == 0.2
+
+
+def test_resnet9_is_the_former_name_of_the_myrtle_net() -> None:
+    assert "resnet9" not in names() and former_names() == {"resnet9": "resnet9_myrtle"}
+    assert canonical_name("resnet9") == "resnet9_myrtle" == canonical_name("resnet9_myrtle")
+    old, new = create("resnet9", width_mult=0.125), create("resnet9_myrtle", width_mult=0.125)
+    assert type(old) is type(new) and old.state_dict().keys() == new.state_dict().keys()  # old checkpoints load
+    assert describe("resnet9") == describe("resnet9_myrtle")
+    assert count_params(create("resnet9")) == 6_573_120
 
 
 @pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
@@ -243,7 +295,7 @@ def test_describe_gives_precise_annotations() -> None:
     }
     assert params["widths"].default == (32, 64, 128)
     assert params["stem_channels"].default is None
-    assert describe("resnet9")["width_mult"].annotation is float
+    assert describe("resnet9_myrtle")["width_mult"].annotation is float
     assert describe("resnet18")["width"].annotation is int
 
 
@@ -271,6 +323,11 @@ def test_register_rejects_builders_without_defaults_or_annotations() -> None:
     assert "test-bad-builder" not in names()
     with pytest.raises(ValueError):
         register("deepcnn")(DeepCNN)
+    with pytest.raises(ValueError, match="former name"):
+        register("resnet9")(DeepCNN)
+    with pytest.raises(ValueError):
+        register("test-renamed", former_names=("deepcnn",))(DeepCNN)
+    assert "test-renamed" not in names()
 
 
 @pytest.mark.parametrize(
@@ -292,7 +349,10 @@ def test_deepcnn_rejects_bad_arguments(kwargs: dict[str, object], argument: str)
         create("deepcnn", **kwargs)
 
 
-@pytest.mark.parametrize("name,kwargs", [("resnet9", {"width_mult": 0.0}), ("resnet18", {"width": -1})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("resnet9_myrtle", {"width_mult": 0.0}), ("resnet9_ffcv", {"width_mult": 0.0}), ("resnet18", {"width": -1})],
+)
 def test_resnets_reject_bad_widths(name: str, kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         create(name, **kwargs)
@@ -313,7 +373,7 @@ SKIP_1_1 = {"blocks": (1, 1), "block": "skip"}
     [
         ("deepcnn", {"widths": (16, 32), "blocks": (1, 1)}, {"widths": (32, 64), "blocks": (1, 1)}),
         ("deepcnn", {**SKIP_1_1, "widths": (16, 32)}, {**SKIP_1_1, "widths": (32, 64)}),
-        ("resnet9", {"width_mult": 0.125}, {"width_mult": 0.25}),
+        ("resnet9_myrtle", {"width_mult": 0.125}, {"width_mult": 0.25}),
         ("resnet18", {"width": 8}, {"width": 16}),
     ],
 )

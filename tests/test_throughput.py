@@ -7,7 +7,7 @@ from accelerate import Accelerator
 from torch.overrides import TorchFunctionMode
 
 from fasttrain import models
-from fasttrain.config import TrainSection
+from fasttrain.config import TrainSection, load_config
 from fasttrain.data.loaders import build_loaders
 from fasttrain.loop.engine import StepEngine
 from fasttrain.loop.optim import build_optimizers, build_schedulers
@@ -17,8 +17,8 @@ SYNCING = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "c
 SMALL = {
     "airbench94": {"widths": (8, 16, 16)},
     "deepcnn": {"widths": (8, 16), "blocks": (1, 1)},
-    "resnet9": {"width_mult": 0.125},
     "resnet9_ffcv": {"width_mult": 0.125},
+    "resnet9_myrtle": {"width_mult": 0.125},
     "resnet18": {"width": 8},
 }
 
@@ -43,6 +43,20 @@ def engine_for(model, accelerator, steps_per_epoch):
     return StepEngine(model, prepared[:1], prepared[1:], accelerator, label_smoothing=0.1)
 
 
+def syncs_between_log_steps(engine, train_loader) -> list[str]:
+    """The synchronising calls of 8 steps between two log steps (after the epoch's first step, which runs the
+    whole-set augmentation once)."""
+    batches = iter(train_loader)
+    engine.step(*next(batches))
+    counter = SyncCounter()
+    with counter:
+        for _ in range(8):
+            images, labels = next(batches)
+            engine.step(images, labels)
+    assert engine.take_window().steps == 9
+    return counter.calls
+
+
 def test_no_host_sync_between_log_steps(cifar_slice_dir):
     accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
     train_loader, _ = build_loaders(
@@ -51,15 +65,43 @@ def test_no_host_sync_between_log_steps(cifar_slice_dir):
     )  # fmt: skip
     model = models.create("deepcnn", widths=(8, 16), blocks=(1, 1)).to(memory_format=torch.channels_last)
     engine = engine_for(model, accelerator, len(train_loader))
-    batches = iter(train_loader)
-    engine.step(*next(batches))  # the epoch's first batch (whole-set augmentation happens once, here)
-    counter = SyncCounter()
-    with counter:
-        for _ in range(8):  # 8 steps between two log steps
-            images, labels = next(batches)
-            engine.step(images, labels)
-    assert counter.calls == [], f"host syncs in the step loop: {counter.calls}"
-    assert engine.take_window().steps == 9
+    calls = syncs_between_log_steps(engine, train_loader)
+    assert calls == [], f"host syncs in the step loop: {calls}"
+
+
+def airbench_engine(cfg, accelerator, train_loader):
+    """The trainer's engine for the airbench94 recipe: Muon and SGD optimisers over its four parameter groups,
+    one schedule per group, summed loss, and `cfg`'s gradient clipping."""
+    t = cfg.train
+    model = models.create("airbench94", **{k: v for k, v in cfg.model.items() if k != "name"})
+    models.data_init(model, train_loader.sample_images(500))
+    model = model.to(memory_format=torch.channels_last)
+    optimizers = build_optimizers(model, t, cfg.param_groups, t.batch_size)
+    schedulers = build_schedulers(optimizers, t, cfg.param_groups, len(train_loader))
+    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
+    assert sorted(type(o.optimizer).__name__ for o in prepared[: len(optimizers)]) == ["Muon", "SGD"]
+    return StepEngine(
+        model, prepared[: len(optimizers)], prepared[len(optimizers) :], accelerator,
+        label_smoothing=t.label_smoothing, loss_reduction=t.loss_reduction, grad_clip=t.grad_clip,
+    )  # fmt: skip
+
+
+def test_no_host_sync_with_airbench_parameter_groups_and_grad_clipping(cifar_slice_dir):
+    cfg = load_config(
+        ["--config", "airbench94", "--model.widths", "8,16,16", "--train.batch_size", "100",
+         "--train.grad_clip", "1.0", "--data.eval_batch_size", "500"]
+    )  # fmt: skip
+    assert len(cfg.param_groups) == 4 and cfg.train.grad_clip == 1.0
+    d = cfg.data
+    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
+    train_loader, _ = build_loaders(
+        cifar_slice_dir, mode=d.mode, batch_size=cfg.train.batch_size, eval_batch_size=d.eval_batch_size,
+        workers=1, device="cpu", flip=d.flip, flip_mode=d.flip_mode, translate=d.translate,
+        translate_fill=d.translate_fill, cutout=d.cutout, channels_last=True,
+    )  # fmt: skip
+    engine = airbench_engine(cfg, accelerator, train_loader)
+    calls = syncs_between_log_steps(engine, train_loader)
+    assert calls == [], f"host syncs in the airbench step loop: {calls}"
 
 
 def test_sync_counter_sees_the_syncs_it_looks_for():

@@ -50,7 +50,7 @@ from fasttrain.data.manifest import beton_paths, loader_pipelines
 from fasttrain.errors import ConfigError
 
 MODES = ("resident", "stream")
-MODE_ALIASES = {"gpu": "resident", "ffcv": "stream"}
+MODE_ALIASES = {"gpu": "resident", "ffcv": "stream"}  # former names; the one definition (config and bench import it)
 
 
 class TrainLoader(Protocol):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttrain.errors import ConfigError, FasttrainError
-from fasttrain.files import fsync_path, fsync_tree
+from fasttrain.files import fsync_path, fsync_tree, read_json, write_json
 from fasttrain.loop.distributed import inject_fault
 
 META = "meta.json"
@@ -103,10 +103,7 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
             "config": config,
             "files": file_list(tmp),  # every rank's files are written (the barrier above)
         }
-        with open(tmp / META, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        write_json(tmp / META, meta)  # fsynced with its directory entry, before the rename below publishes it
         inject_fault(accelerator.process_index, progress.step, at="checkpoint")
         if final.exists():
             set_aside_or_remove(final)
@@ -173,7 +170,7 @@ def sha256_of(path: Path) -> str:
 
 def read_meta(ckpt: Path) -> dict[str, Any] | None:
     try:
-        meta = json.loads((ckpt / META).read_text())
+        meta = read_json(ckpt / META)
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) and meta.get("complete") else None
@@ -192,7 +189,7 @@ def validate(ckpt: Path) -> str | None:
     if not meta_path.is_file():
         return f"{META} is missing"
     try:
-        meta = json.loads(meta_path.read_bytes())
+        meta = read_json(meta_path)
     except OSError as e:
         return f"{META} cannot be read ({e.strerror})"
     except ValueError:  # includes UnicodeDecodeError
@@ -345,8 +342,11 @@ def flatten(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Settings that differ between a checkpoint's run and this one, ignoring those safe to change on resume."""
-    a, b = flatten(saved), flatten(current)
+    """Settings that differ between a checkpoint's run and this one, ignoring those safe to change on resume and
+    former names of the same model or data mode."""
+    from fasttrain.config import with_current_names
+
+    a, b = flatten(with_current_names(saved)), flatten(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
     return [
         f"  {k}: checkpoint={a.get(k, '<unset>')!r}  now={b.get(k, '<unset>')!r}"

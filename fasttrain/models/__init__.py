@@ -1,10 +1,11 @@
-"""Model zoo: build a registered model by name with `create(name, **kwargs)`; `describe(name)` lists its arguments."""
+"""Model zoo: build a registered model by name with `create(name, **kwargs)`; `describe(name)` lists its arguments.
+Renamed models keep their former names (`former_names()`; `canonical_name` maps one to the current name)."""
 
 from fasttrain.models.airbench import Airbench94
 from fasttrain.models.deepcnn import DeepCNN
 from fasttrain.models.layers import Mul, PlainBlock, Residual, ResidualBlock, SkipConnectionBlock, conv_bn, conv_bn_relu
-from fasttrain.models.registry import create, data_init, describe, names, register
-from fasttrain.models.resnet import ResNet9, ResNet9FFCV, ResNet18
+from fasttrain.models.registry import canonical_name, create, data_init, describe, former_names, names, register
+from fasttrain.models.resnet import ResNet9FFCV, ResNet9Myrtle, ResNet18
 from fasttrain.models.stats import count_params, flops_per_image
 
 __all__ = [
@@ -13,11 +14,12 @@ __all__ = [
     "Mul",
     "PlainBlock",
     "Residual",
-    "ResNet9",
     "ResNet9FFCV",
+    "ResNet9Myrtle",
     "ResNet18",
     "ResidualBlock",
     "SkipConnectionBlock",
+    "canonical_name",
     "conv_bn",
     "conv_bn_relu",
     "count_params",
@@ -25,6 +27,7 @@ __all__ = [
     "data_init",
     "describe",
     "flops_per_image",
+    "former_names",
     "names",
     "register",
 ]

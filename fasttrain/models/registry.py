@@ -2,6 +2,11 @@
 
 The config system reads `describe(name)` to coerce command-line strings into each argument's annotated type,
 so every builder argument must be keyword-able, annotated and defaulted; `register` checks this at import time.
+
+A model that was renamed keeps its former names (`register(name, former_names=...)`): `create`, `describe` and
+`canonical_name` accept them, so old configs and checkpoints still build the network they meant, while `names()`
+lists only current names. `resnet9` is the former name of `resnet9_myrtle` (the Myrtle.ai net it always built);
+the resnet9 *recipe* trains FFCV's network, `resnet9_ffcv`.
 """
 
 import inspect
@@ -16,6 +21,7 @@ from fasttrain.errors import ConfigError
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_FORMER_NAMES: dict[str, str] = {}  # former name -> current name
 
 _KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
@@ -36,29 +42,48 @@ def _check_builder(name: str, builder: Callable[..., nn.Module]) -> None:
             raise TypeError(f"{where} needs a default")
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: make `builder` (a class or function returning an nn.Module) available as `create(name)`."""
+def _check_name_is_free(name: str) -> None:
+    if name in _BUILDERS:
+        raise ValueError(f"model name {name!r} is already registered to {_BUILDERS[name].__qualname__}")
+    if name in _FORMER_NAMES:
+        raise ValueError(f"model name {name!r} is already the former name of {_FORMER_NAMES[name]!r}")
+
+
+def register(name: str, former_names: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+    """Decorator: make `builder` (a class or function returning an nn.Module) available as `create(name)`, and
+    under each of its `former_names` (names it had before a rename)."""
 
     def decorate(builder: Builder) -> Builder:
-        if name in _BUILDERS:
-            raise ValueError(f"model name {name!r} is already registered to {_BUILDERS[name].__qualname__}")
+        for taken in (name, *former_names):
+            _check_name_is_free(taken)
         _check_builder(name, builder)
         _BUILDERS[name] = builder
+        _FORMER_NAMES.update(dict.fromkeys(former_names, name))
         return builder
 
     return decorate
 
 
 def names() -> list[str]:
-    """Registered model names, sorted."""
+    """Registered model names, sorted (former names not included)."""
     return sorted(_BUILDERS)
 
 
+def former_names() -> dict[str, str]:
+    """Former model names, each with the current name it stands for."""
+    return dict(_FORMER_NAMES)
+
+
+def canonical_name(name: str) -> str:
+    """The current name of model `name` (itself, or the model a former name stands for)."""
+    current = _FORMER_NAMES.get(name, name)
+    if current not in _BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+    return current
+
+
 def _builder(name: str) -> Callable[..., nn.Module]:
-    try:
-        return _BUILDERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(names())}") from None
+    return _BUILDERS[canonical_name(name)]
 
 
 def describe(name: str) -> dict[str, inspect.Parameter]:

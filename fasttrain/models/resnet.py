@@ -1,5 +1,6 @@
 """ResNet-9 in its two common forms — the network of FFCV's CIFAR example (`resnet9_ffcv`, the resnet9 recipe's)
-and the wider Myrtle.ai DAWNBench net (`resnet9`) — and the standard CIFAR ResNet-18."""
+and the wider Myrtle.ai DAWNBench net (`resnet9_myrtle`, formerly registered as `resnet9`) — and the standard
+CIFAR ResNet-18."""
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ def _check_positive(model: str, **values: float) -> None:
 
 @register("resnet9_ffcv")
 class ResNet9FFCV(nn.Sequential):
-    """The network of FFCV's examples/cifar (2.27 M parameters at width_mult 1):
+    """The network of FFCV's examples/cifar (2,274,880 parameters at width_mult 1):
     conv 64 -> 5x5 stride-2 conv 128 -> residual(2 x conv 128) -> conv 256 -> max-pool 2 -> residual(2 x conv 256)
     -> 3x3 conv to 128 without padding -> global max-pool -> bias-free linear, logits x `scale` (0.2).
     Every conv is conv-BN-ReLU without bias. Widths are 64/128/256 times `width_mult`."""
@@ -43,11 +44,12 @@ class ResNet9FFCV(nn.Sequential):
         )
 
 
-@register("resnet9")
-class ResNet9(nn.Module):
+@register("resnet9_myrtle", former_names=("resnet9",))
+class ResNet9Myrtle(nn.Module):
     """The Myrtle.ai DAWNBench ResNet-9 (6.57 M parameters): prep(64) -> layer1(128, pool, residual) ->
     layer2(256, pool) -> layer3(512, pool, residual) -> max-pool head. Wider at full resolution than the FFCV
-    example's net (`resnet9_ffcv`) and about 1.3x its compute.
+    example's net (`resnet9_ffcv`) and about 1.3x its compute. Registered as `resnet9` until the FFCV net got its
+    own name; `resnet9` still builds this net, so old configs and checkpoints keep meaning what they meant.
 
     Widths are 64/128/256/512 times `width_mult`. The linear head has no bias and its logits are multiplied by
     `scale` (0.125, Myrtle.ai's value). A small scale keeps the initial softmax soft, which the high learning
@@ -58,7 +60,9 @@ class ResNet9(nn.Module):
         self, num_classes: int = 10, width_mult: float = 1.0, scale: float = 0.125, in_channels: int = 3
     ) -> None:
         super().__init__()
-        _check_positive("resnet9", num_classes=num_classes, width_mult=width_mult, scale=scale, in_channels=in_channels)
+        _check_positive(
+            "resnet9_myrtle", num_classes=num_classes, width_mult=width_mult, scale=scale, in_channels=in_channels
+        )
         c0, c1, c2, c3 = (max(1, round(base * width_mult)) for base in (64, 128, 256, 512))
         self.prep = conv_bn_relu(in_channels, c0)
         self.layer1 = nn.Sequential(
