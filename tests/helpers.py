@@ -153,6 +153,35 @@ def wait_for_step(run_dir: Path, step: int, proc, timeout=300) -> None:
     raise AssertionError(f"step {step} never logged")
 
 
+def wandb_inspect(*args: str) -> str:
+    """`wandb leet inspect --json ARGS`: W&B's own reader of offline runs (wandb.Api cannot read them)."""
+    proc = subprocess.run([str(WANDB), "leet", "inspect", "--json", *args], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise AssertionError(f"wandb leet inspect {args} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def wandb_records(record_file: Path) -> list[dict]:
+    """Every record of one offline run's `run-<id>.wandb` file, in the order written."""
+    return [json.loads(line) for line in wandb_inspect(str(record_file)).splitlines() if line.strip()]
+
+
+def wandb_history(records: list[dict]) -> list[tuple[int, dict]]:
+    """(step, logged values) of every history record among `records`, in the order logged (repeats kept)."""
+    history = [r["history"] for r in records if r.get("type") == "history"]
+    return [(h["step"].get("num", 0), h["item"]) for h in history]
+
+
+def wandb_summary(offline_run_dir: Path) -> dict:
+    """config, summary, state and exit code of one offline run directory."""
+    return json.loads(wandb_inspect("--summary", str(offline_run_dir)))
+
+
+def wandb_offline_runs(run_dir: Path) -> list[Path]:
+    """The W&B offline run directories under a fasttrain run directory, oldest first."""
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

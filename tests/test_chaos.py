@@ -9,11 +9,22 @@ import json
 import os
 import random
 import signal
-import subprocess
+import time
 
 import pytest
 import torch
-from helpers import FAST, WANDB, checkpoint_steps, launch, read_jsonl, run_train, wait_for_step
+from helpers import (
+    FAST,
+    checkpoint_steps,
+    launch,
+    read_jsonl,
+    run_train,
+    start_train,
+    wait_for_step,
+    wandb_history,
+    wandb_offline_runs,
+    wandb_records,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -21,6 +32,7 @@ pytestmark = pytest.mark.slow
 STEPS, EPOCH = 30, 10  # 3 epochs of 10 steps on the 1,000-image slice; a checkpoint at each epoch's end
 CHAOS = [*FAST, "--train.epochs", "3", "--checkpoint.every", "1", "--model.dropout", "0.1", "--wandb.mode", "offline"]
 KINDS = ("step", "eval", "checkpoint", "metrics", "wandb")
+BLIND_KILL_S = (0.5, 4.0)  # after the planned kills, one by the clock, before the resumed run can finish
 SAME = ("kind", "epoch", "step", "lr", "train_loss", "train_loss_smoothed", "train_acc", "val_loss", "val_acc")
 
 
@@ -44,16 +56,11 @@ def plan_kills(rng: random.Random) -> list[tuple[str, int]]:
 
 
 def wandb_history_steps(run_dir) -> list[int]:
-    """The step of every history record in every W&B offline run directory of `run_dir`."""
-    steps = []
-    for run in sorted((run_dir / "wandb").glob("offline-run-*")):
-        for record_file in run.glob("run-*.wandb"):
-            out = subprocess.run(
-                [str(WANDB), "leet", "inspect", "--json", str(record_file)], capture_output=True, text=True, timeout=60
-            ).stdout
-            records = [json.loads(line) for line in out.splitlines() if line.strip()]
-            steps += [r["step"] for r in records if r.get("type") == "history" and "step" in r]
-    return steps
+    """The step of every history record in every W&B offline run of `run_dir`, repeats kept."""
+    return [
+        step for run in wandb_offline_runs(run_dir) for record_file in run.glob("run-*.wandb")
+        for step, _ in wandb_history(wandb_records(record_file))
+    ]  # fmt: skip
 
 
 def same_rows(rows: list[dict]) -> list[tuple]:
@@ -76,8 +83,10 @@ def uninterrupted(cifar_slice_dir, tmp_path_factory):
 
 def test_killed_at_random_moments_the_run_resumes_to_the_same_result(uninterrupted, cifar_slice_dir, tmp_path):
     seed = int(os.environ.get("FASTTRAIN_CHAOS_SEED") or random.SystemRandom().randrange(10**6))
-    kills = plan_kills(random.Random(seed))
-    context = f"FASTTRAIN_CHAOS_SEED={seed}, kills (moment, step): {kills}"
+    rng = random.Random(seed)
+    kills = plan_kills(rng)
+    delay = rng.uniform(*BLIND_KILL_S)
+    context = f"FASTTRAIN_CHAOS_SEED={seed}, kills (moment, step): {kills}, then a SIGKILL {delay:.2f} s after start"
     print(context)
     run_dir = tmp_path / "run"
     args = [*CHAOS, "--data.dir", str(cifar_slice_dir), "--run.dir", str(run_dir), "--resume", "auto"]
@@ -85,14 +94,20 @@ def test_killed_at_random_moments_the_run_resumes_to_the_same_result(uninterrupt
         fault = f"at={kind},step={step},action=kill"
         proc = run_train(args, tmp_path, check=False, env_extra={"FASTTRAIN_INJECT_FAULT": fault})
         assert proc.returncode == -signal.SIGKILL, f"{context}: {fault} did not kill the run:\n{proc.stdout[-2000:]}"
+    blind = start_train(args, tmp_path)  # wherever the clock finds it: start-up, a step, an evaluation, a write
+    time.sleep(delay)
+    blind.kill()
+    blind.communicate(timeout=60)
     run_train(args, tmp_path)
 
     assert_same_weights(uninterrupted, run_dir)
     rows, expected = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(uninterrupted / "metrics.jsonl")
     assert same_rows(rows) == same_rows(expected), context
-    steps = wandb_history_steps(run_dir)
-    assert sorted(steps) == sorted(set(steps)), f"{context}: W&B steps logged twice"
-    assert set(steps) <= {row["step"] for row in expected}, context
+    steps, whole_steps = wandb_history_steps(run_dir), wandb_history_steps(uninterrupted)
+    assert whole_steps and sorted(whole_steps) == sorted(set(whole_steps)), "the uninterrupted run's W&B history"
+    assert sorted(steps) == sorted(set(steps)), f"{context}: W&B steps logged twice: {sorted(steps)}"
+    # A kill may lose rows W&B had not written yet, never add or repeat one.
+    assert set(steps) <= set(whole_steps) and steps, f"{context}: {sorted(steps)} vs {sorted(whole_steps)}"
     summary = json.loads((run_dir / "summary.json").read_text())
     whole = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["status"] == "finished" and summary.keys() == whole.keys(), context
@@ -109,6 +124,7 @@ def test_plan_covers_every_moment_and_only_reachable_steps():
 
 def test_sigterm_to_a_two_process_launch_checkpoints_both_ranks_at_one_step(cifar_slice_dir, tmp_path):
     common = [*FAST, "--data.dir", str(cifar_slice_dir), "--train.epochs", "2", "--checkpoint.every", "1"]
+    common += ["--model.dropout", "0.1"]  # each rank's dropout masks continue from its own saved RNG state
     whole, _ = launch([*common, "--run.dir", str(tmp_path / "whole")], tmp_path, processes=2)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
@@ -122,6 +138,7 @@ def test_sigterm_to_a_two_process_launch_checkpoints_both_ranks_at_one_step(cifa
     assert steps and 10 < steps[-1] < 20, f"a mid-epoch checkpoint: {steps}\n{out[-3000:]}"
     newest = sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1]
     assert {p.name for p in newest.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert json.loads((newest / "meta.json").read_text())["world_size"] == 2
 
     resumed, _ = launch([*common, "--run.dir", str(run_dir), "--resume", "auto"], tmp_path, processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

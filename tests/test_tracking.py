@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wandb_history, wandb_records, wandb_summary
 
 from fasttrain.errors import ConfigError
 from fasttrain.tracking import EpochTable, MetricsFile, plot_curves, read_metrics, resolve_mode, start_wandb
 
-WANDB_CLI = Path(sys.executable).with_name("wandb")
 FAKE_API_KEY = "f" * 40
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -55,13 +55,6 @@ def _messages(capsys) -> list[str]:
     return [line for line in (captured.out + captured.err).splitlines() if line.strip()]
 
 
-def _inspect(*args: str) -> str:
-    result = subprocess.run(
-        [str(WANDB_CLI), "leet", "inspect", "--json", *args], capture_output=True, text=True, timeout=60, check=True
-    )
-    return result.stdout
-
-
 # --- W&B ---------------------------------------------------------------------------------------------------
 
 
@@ -96,14 +89,13 @@ def test_offline_run_is_recorded_as_logged(clean_env, tmp_path, monkeypatch, cap
     assert run.run_dir_path.parent == tmp_path / "run" / "wandb"
     assert list(working_dir.iterdir()) == []  # nothing lands in the working directory
 
-    records = [json.loads(line) for line in _inspect(str(run.run_dir_path / f"run-{run.id}.wandb")).splitlines()]
-    history = {r["history"]["step"].get("num", 0): r["history"]["item"] for r in records if r["type"] == "history"}
+    history = dict(wandb_history(wandb_records(run.run_dir_path / f"run-{run.id}.wandb")))
     assert sorted(history) == [0, 1, 2]
     assert [history[step]["perf/images_per_sec"] for step in (0, 1)] == [51234.5, 52000.0]
     assert history[1]["train/acc"] == 0.5 and history[1]["perf/step_time_ms"] == 9.5
     assert history[2]["perf/epoch_images_per_sec"] == 52500.0 and history[2]["val/acc"] == 0.625
 
-    summary = json.loads(_inspect("--summary", str(run.run_dir_path)))
+    summary = wandb_summary(run.run_dir_path)
     assert summary["state"] == "finished" and summary["exit_code"] == 0 and summary["run_id"] == run.id
     assert summary["project"] == "fasttrain-test" and summary["config"]["lr"] == 0.1
     assert summary["summary"]["best_val_acc"] == 0.625 and summary["summary"]["perf/epoch_step_time_ms"] == 9.25

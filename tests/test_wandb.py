@@ -4,19 +4,18 @@ sweep file."""
 
 import json
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import wandb_history, wandb_records, wandb_summary
 
 from fasttrain.tracking import start_wandb
 from fasttrain.tracking.dashboard import build_workspace, main, workspace_spec
 from fasttrain.tracking.wandb_keys import ROW_KEYS, SUMMARY_COLUMNS, logged_keys, to_wandb
 
 REPO = Path(__file__).resolve().parents[1]
-WANDB_CLI = Path(sys.executable).with_name("wandb")
 _IDENTITY_ENV = (
     "WANDB_PROJECT",
     "WANDB_ENTITY",
@@ -49,19 +48,12 @@ def clean_env(tmp_path, monkeypatch):
     _reset_wandb()
 
 
-def _inspect(*args: str) -> str:
-    result = subprocess.run(
-        [str(WANDB_CLI), "leet", "inspect", "--json", *args], capture_output=True, text=True, timeout=60, check=True
-    )
-    return result.stdout
-
-
 def _records(run) -> list[dict]:
-    return [json.loads(line) for line in _inspect(str(run.run_dir_path / f"run-{run.id}.wandb")).splitlines()]
+    return wandb_records(run.run_dir_path / f"run-{run.id}.wandb")
 
 
 def _summary(run) -> dict:
-    return json.loads(_inspect("--summary", str(run.run_dir_path)))
+    return wandb_summary(run.run_dir_path)
 
 
 def _offline(tmp_path, announce=print, **identity):
@@ -158,10 +150,7 @@ def test_offline_run_read_back_holds_namespaced_keys_summary_best_accuracy_and_m
     assert not any("failed" in line for line in capsys.readouterr().out.splitlines())
 
     records = _records(run)
-    history = {}
-    for record in records:
-        if record["type"] == "history":
-            history[record["history"]["step"]["num"]] = record["history"]["item"]
+    history = dict(wandb_history(records))
     assert sorted(history) == [5, 10, 15, 20]
     assert history[20]["val/acc"] == 0.5 and history[10]["val/acc"] == 0.625  # epoch rows merged into their step
     assert history[5]["perf/images_per_sec"] == 1005.0 and history[20]["perf/epoch_images_per_sec"] == 992.0
@@ -175,12 +164,12 @@ def test_offline_run_read_back_holds_namespaced_keys_summary_best_accuracy_and_m
 
     recorded = _summary(run)
     assert recorded["state"] == "finished" and recorded["project"] == "fasttrain-test"
-    wandb_summary = recorded["summary"]
+    summary = recorded["summary"]
     for key, value in SUMMARY.items():  # the W&B summary holds summary.json's figures under the same flat keys
-        assert wandb_summary.get(key) == value, key
-    assert wandb_summary["val/acc"] == {"max": 0.625}  # the best epoch, not the last
-    assert wandb_summary["val/loss"] == {"min": 1.25} and wandb_summary["sys/gpu_mem_gb"] == {"max": 1.5}
-    assert wandb_summary["perf/epoch_images_per_sec"] == 992.0  # no summary rule: the last value
+        assert summary.get(key) == value, key
+    assert summary["val/acc"] == {"max": 0.625}  # the best epoch, not the last
+    assert summary["val/loss"] == {"min": 1.25} and summary["sys/gpu_mem_gb"] == {"max": 1.5}
+    assert summary["perf/epoch_images_per_sec"] == 992.0  # no summary rule: the last value
 
     metrics = {r["metric"].get("name") or r["metric"].get("glob_name"): r["metric"] for r in records if "metric" in r}
     assert metrics["val/acc"]["step_metric"] == "epoch" and metrics["train/epoch_acc"]["step_metric"] == "epoch"
