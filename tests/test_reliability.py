@@ -79,6 +79,35 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, data_
     assert not intact.exists() or tree_digest(intact) == before  # pruned by keep=2 later, never modified
 
 
+def test_damaged_checkpoints_are_named_skipped_and_kept_by_the_trainer(tmp_path, data_dir):
+    """Through the trainer as a user meets it: a truncated model.safetensors in the newest checkpoint is named and
+    skipped, the older one resumed; with none intact, exit 2 naming the directory. No traceback, nothing deleted."""
+    run_dir = tmp_path / "r"
+    args = [*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)]
+    killed = run_train(args, tmp_path, check=False, env_extra={"FASTTRAIN_INJECT_FAULT": "step=25,action=kill"})
+    assert killed.returncode == -signal.SIGKILL and checkpoint_steps(run_dir) == [10, 20]
+    older, newest = sorted((run_dir / "checkpoints").glob("ckpt-*"))
+    older_weights = (older / "model.safetensors").read_bytes()
+    for ckpt in (older, newest):
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+
+    refused = run_train([*args, "--resume", "auto"], tmp_path, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"no intact checkpoint in {run_dir / 'checkpoints'}" in refused.stderr
+    assert (refused.stdout + refused.stderr).count("skipping damaged checkpoint") == 2
+
+    (older / "model.safetensors").write_bytes(older_weights)
+    damaged = tree_digest(newest)
+    resumed = run_train([*args, "--resume", "auto"], tmp_path)
+    out = resumed.stdout + resumed.stderr
+    assert f"skipping damaged checkpoint {newest}" in out and "model.safetensors" in out and "Traceback" not in out
+    assert f"resumed from {older}" in out
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 30
+    set_aside = run_dir / "checkpoints" / f"damaged-{newest.name}"
+    assert set_aside.is_dir() and tree_digest(set_aside) == damaged, "the damaged checkpoint is kept as it was"
+
+
 def test_sigint_writes_a_checkpoint_and_says_interrupted(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     proc = start_train([*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)], tmp_path)
