@@ -54,11 +54,11 @@ def _two_conv_stage(
     )
 
 
-def _skip_stage(in_channels: int, width: int, count: int, batchnorm: bool) -> nn.Sequential:
+def _skip_stage(in_channels: int, width: int, count: int, dropout: float, batchnorm: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     channels = in_channels
     for _ in range(count):
-        layers.append(SkipConnectionBlock(channels, width, batchnorm=batchnorm))
+        layers.append(SkipConnectionBlock(channels, width, dropout=dropout, batchnorm=batchnorm))
         channels += width
     # Each skip block concatenates `width` new channels; a 1x1 transition brings the stage back to `width`.
     layers.append(conv_bn_relu(channels, width, kernel=1, batchnorm=batchnorm))
@@ -70,8 +70,8 @@ class DeepCNN(nn.Module):
     """stem (conv3x3-BN-ReLU-maxpool2) -> stages (maxpool2 between them) -> global avg pool -> dropout -> linear.
 
     `block`: "plain" (two convs), "residual" (the same two convs plus the input) or "skip" (the input concatenated
-    to two conv-BN-ReLUs, a 1x1 transition ending each stage). `dropout` sits between the two convs of plain and
-    residual blocks and before the head; skip blocks have it before the head only.
+    to two conv-BN-ReLUs, a 1x1 transition ending each stage). `dropout` sits between the two convs of every block
+    and before the head.
 
     `batchnorm=False` drops every BatchNorm (convs get biases): a model whose output does not depend on how a batch
     is split across processes, which the DDP-equivalence test needs.
@@ -103,7 +103,7 @@ class DeepCNN(nn.Module):
                 block_class = PlainBlock if block == "plain" else ResidualBlock
                 stages.append(_two_conv_stage(block_class, channels, width, count, dropout, batchnorm))
             else:
-                stages.append(_skip_stage(channels, width, count, batchnorm))
+                stages.append(_skip_stage(channels, width, count, dropout, batchnorm))
             channels = width
         self.stages = nn.Sequential(*stages)
         self.head = nn.Sequential(

@@ -75,17 +75,18 @@ class PlainBlock(nn.Module):
 
 
 class SkipConnectionBlock(nn.Module):
-    """cat([x, body(x)], dim=1), body = conv3x3-(BN)-ReLU-conv3x3-(BN)-ReLU: in + out channels come out."""
+    """cat([x, body(x)], dim=1), body = conv3x3-(BN)-ReLU-dropout-conv3x3-(BN)-ReLU: in + out channels come out.
 
-    def __init__(self, in_channels: int, out_channels: int, batchnorm: bool = True) -> None:
+    Dropout sits where the residual and plain blocks have it, between the two convs.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, batchnorm: bool = True) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            *self._conv(in_channels, out_channels, batchnorm), *self._conv(out_channels, out_channels, batchnorm)
+            *conv_bn_relu(in_channels, out_channels, batchnorm=batchnorm),
+            nn.Dropout(dropout),
+            *conv_bn_relu(out_channels, out_channels, batchnorm=batchnorm),
         )
-
-    @staticmethod
-    def _conv(in_channels: int, out_channels: int, batchnorm: bool) -> list[nn.Module]:
-        return list(conv_bn_relu(in_channels, out_channels, batchnorm=batchnorm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.body(x)], dim=1)
