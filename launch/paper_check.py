@@ -43,7 +43,9 @@ class Link:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="resnet9_ffcv,resnet9_myrtle,resnet18", help="comma-separated fasttrain model names")
+    p.add_argument(
+        "--models", default="resnet9_ffcv,resnet9_myrtle,resnet18", help="comma-separated fasttrain model names"
+    )
     p.add_argument("--batch-per-gpu", type=int, default=512, help="images per GPU per step (weak scaling)")
     p.add_argument(
         "--global-batch",
