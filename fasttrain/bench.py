@@ -230,7 +230,9 @@ def synthetic_batch(cfg: Config, plan: RunPlan) -> tuple[torch.Tensor, torch.Ten
 
 
 def make_optimizers(model: nn.Module, cfg: Config, plan: RunPlan) -> list[torch.optim.Optimizer]:
-    return build_optimizers(model, cfg.train, cfg.param_groups, plan.batch_size_global, fused=plan.fused_optimizer)
+    return build_optimizers(
+        model, cfg.train, cfg.param_groups, plan.batch_size_global, fused=plan.fused_optimizer, compiled=plan.compile
+    )
 
 
 def bare_step(

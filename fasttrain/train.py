@@ -31,15 +31,15 @@ from fasttrain import models
 from fasttrain.config import Config, help_text, load_config
 from fasttrain.data.loaders import build_loaders
 from fasttrain.data.prepare import prepare_data
-from fasttrain.errors import EXIT_NONFINITE, ConfigError, NonFiniteLoss, run_command
+from fasttrain.errors import EXIT_NONFINITE, EXIT_OK, ConfigError, NonFiniteLoss, run_command, signal_exit_code
 from fasttrain.files import write_json
 from fasttrain.loop import checkpoint
 from fasttrain.loop.distributed import (
     StopSignals,
-    any_rank,
     from_main,
     inject_fault,
     parameters_agree,
+    per_rank,
     sum_across_ranks,
     sync_buffers,
 )
@@ -193,7 +193,9 @@ def train(cfg: Config, argv: list[str]) -> dict:
     model, model_info = build_model(cfg, plan)
     data_init_s = initialise_from_data(model, train_loader, plan)
     t = cfg.train
-    optimizers = build_optimizers(model, t, cfg.param_groups, t.batch_size, fused=plan.fused_optimizer)
+    optimizers = build_optimizers(
+        model, t, cfg.param_groups, t.batch_size, fused=plan.fused_optimizer, compiled=plan.compile
+    )
     schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)
     model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
     optimizers, schedulers = prepared[: len(optimizers)], prepared[len(optimizers) :]
@@ -251,9 +253,14 @@ def train(cfg: Config, argv: list[str]) -> dict:
     run.checkpoint_step = progress.step if resume_from else None
 
     loader_warmup_s = train_loader.warm_up()
+    graphs_before = compiled_graphs()
     compile_time_s = warm_up_compiled(run) if plan.compile else 0.0
+    new_graphs = compiled_graphs() - graphs_before  # 0 from a repeat's second run on: its graphs are reused
     if plan.compile or loader_warmup_s:
-        say(f"warm-up, not counted in train time: compile {compile_time_s:.1f} s, ffcv JIT {loader_warmup_s:.1f} s")
+        say(
+            f"warm-up, not counted in train time: compile {compile_time_s:.1f} s ({new_graphs} new graphs), "
+            f"ffcv JIT {loader_warmup_s:.1f} s"
+        )
 
     try:
         exit_code = fit(run)
@@ -262,7 +269,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
         exit_code = EXIT_NONFINITE
     summary = finish(run, exit_code, model_info)
     summary.update(
-        compile_time_s=compile_time_s, loader_warmup_s=loader_warmup_s, data_init_s=data_init_s,
+        compile_time_s=compile_time_s, compiled_graphs=new_graphs, loader_warmup_s=loader_warmup_s,
+        data_init_s=data_init_s,
         total_time_s=data_init_s + progress.train_time_s + summary.pop("final_eval_s"),
         wall_time_s=time.perf_counter() - t_start,
     )  # fmt: skip
@@ -274,8 +282,17 @@ def train(cfg: Config, argv: list[str]) -> dict:
             f"{summary['train_time_s']:.2f} s training, {summary['images_per_sec'] or 0:.0f} images/s"
         )
     say(f"outputs in {run_dir}: metrics.jsonl summary.json curves.png model.safetensors checkpoints/")
-    accelerator.end_training()
+    # Every rank leaves together: a launcher stops the other processes as soon as one exits non-zero (exit 3, 143),
+    # which would cut the main process's summary short. Safe: every way out of `fit` is agreed across ranks.
+    accelerator.wait_for_everyone()
     return summary
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (Dynamo's count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def warm_up_compiled(run: Run) -> float:
@@ -336,23 +353,25 @@ def fit(run: Run) -> int:
     # Decided from memory, the same on every rank (a look at the directory would race the main process's rename).
     if run.cfg.checkpoint.final and run.checkpoint_step != p.step:
         save_checkpoint(run)
-    return 0
+    return EXIT_OK
 
 
-def train_epoch(run: Run, signals: StopSignals) -> tuple[WindowStats, float] | int:
-    """Train one epoch (or its remainder after a resume): (this rank's statistics, seconds), or an exit code if a
-    stop signal arrived. Between log steps nothing here waits for the device."""
+def train_epoch(run: Run, signals: StopSignals) -> tuple[WindowStats, float, int] | int:
+    """Train one epoch (or its remainder after a resume): (this rank's statistics, seconds, the first step of its
+    last log window), or an exit code if a stop signal arrived. Between log steps nothing here waits for the
+    device; at a log step the ranks agree on what they saw in one collective (`log_window`)."""
     cfg, p, acc, engine = run.cfg, run.progress, run.accelerator, run.engine
     t = cfg.train
     engine.model.train()
     run.train_loader.epoch = p.epoch
-    batches = iter(run.train_loader)
-    for _ in range(p.step_in_epoch):  # resuming mid-epoch: replay the order, skip what was trained
-        next(batches)
     windows: list[WindowStats] = []
     synchronize(run.plan)
     acc.wait_for_everyone()  # start every rank's clock together, so per-rank rates measure the same interval
-    t_epoch = t_window = time.perf_counter()
+    t_epoch = time.perf_counter()
+    # iter() is timed: the resident loader augments the whole epoch there, and airbench counts that in its epochs.
+    batches = iter(run.train_loader)
+    t_epoch += replay_trained(batches, p.step_in_epoch)
+    t_window = t_epoch
     window_first_step = p.step
     # The bar is for people at a terminal; logs (CI, SLURM) get the epoch table and metrics.jsonl instead.
     bar = tqdm(
@@ -361,30 +380,57 @@ def train_epoch(run: Run, signals: StopSignals) -> tuple[WindowStats, float] | i
     )  # fmt: skip
     for images, labels in batches:
         p.step_in_epoch += 1
+        if inject_fault(acc.process_index, p.step + 1, at="batch"):  # the reliability tests' NaN on one rank
+            images = torch.full_like(images, float("nan"))
         if engine.step(images, labels):
             p.step += 1
         else:
             note_skipped_step(run)
         inject_fault(acc.process_index, p.step)
         bar.update(1)
-        log_now = p.step % t.log_every == 0
-        if log_now:
+        stop_requested = signals.received is not None
+        if p.step % t.log_every == 0:
             windows.append(engine.take_window())
-            raise_if_nonfinite(windows[-1], window_first_step, p.step, nonfinite_hint(run))
             now = time.perf_counter()
-            run.report.row(step_row(run, windows[-1], now - t_window, p.train_time_s + now - t_epoch))
+            stop = log_window(run, windows[-1], now - t_window, now - t_epoch, window_first_step, stop_requested)
             bar.set_postfix(loss=f"{windows[-1].loss:.3f}")
             t_window, window_first_step = now, p.step  # logging's own cost lands in the next window
-        # One process checks its flag every step; several agree on it (a collective) only at log steps.
-        if (run.plan.world_size == 1 or log_now) and any_rank(acc, signals.received is not None):
+        else:
+            # One process checks its flag every step; several agree on it only at log steps (in their collective).
+            stop = run.plan.world_size == 1 and stop_requested
+        if stop:
             bar.close()
             windows.append(engine.take_window())
             p.train_time_s += time.perf_counter() - t_epoch
             return interrupted(run, signals)
     bar.close()
-    windows.append(engine.take_window())
-    raise_if_nonfinite(windows[-1], window_first_step, p.step, nonfinite_hint(run))
-    return WindowStats.combine(windows), time.perf_counter() - t_epoch
+    windows.append(engine.take_window())  # its non-finite steps are agreed on in end_epoch's collective
+    return WindowStats.combine(windows), time.perf_counter() - t_epoch, window_first_step
+
+
+def replay_trained(batches, count: int) -> float:
+    """Resuming mid-epoch: take the `count` batches already trained (the order replays exactly). Returns the
+    seconds it took, which are not training time."""
+    t0 = time.perf_counter()
+    for _ in range(count):
+        next(batches)
+    return time.perf_counter() - t0
+
+
+def log_window(
+    run: Run, stats: WindowStats, seconds: float, epoch_s: float, first_step: int, stop_requested: bool
+) -> bool:
+    """A log step's one collective: the ranks' summed rate, each rank's count of non-finite steps and whether any
+    rank was asked to stop. A non-finite loss on any rank raises the same NonFiniteLoss on every rank; otherwise the
+    step row is written. Returns whether the ranks stop (agreed)."""
+    acc = run.accelerator
+    own_ips = stats.images / seconds
+    global_ips, stops, *nonfinite = sum_across_ranks(
+        acc, [own_ips, float(stop_requested), *per_rank(acc, stats.nonfinite_steps)]
+    )
+    raise_if_nonfinite(nonfinite, first_step, run.progress.step, nonfinite_hint(run))
+    run.report.row(step_row(run, stats, seconds, run.progress.train_time_s + epoch_s, own_ips, global_ips))
+    return stops > 0
 
 
 def note_skipped_step(run: Run) -> None:
@@ -407,9 +453,8 @@ def nonfinite_hint(run: Run) -> str:
     )
 
 
-def step_row(run: Run, stats: WindowStats, seconds: float, time_s: float) -> dict:
-    own_ips = stats.images / seconds
-    global_ips = sum_across_ranks(run.accelerator, [own_ips])[0]  # each rank's own rate, summed
+def step_row(run: Run, stats: WindowStats, seconds: float, time_s: float, own_ips: float, global_ips: float) -> dict:
+    """`global_ips`: each rank's own rate, summed over ranks."""
     p = run.progress
     return {
         "kind": "step", "epoch": p.epoch + p.step_in_epoch / len(run.train_loader), "step": p.step,
@@ -420,12 +465,16 @@ def step_row(run: Run, stats: WindowStats, seconds: float, time_s: float) -> dic
     }  # fmt: skip
 
 
-def end_epoch(run: Run, stats: WindowStats, seconds: float) -> dict:
-    """Count the epoch, evaluate if due, write its metrics row, checkpoint if due."""
+def end_epoch(run: Run, stats: WindowStats, seconds: float, last_window_first_step: int) -> dict:
+    """Count the epoch, evaluate if due, write its metrics row, checkpoint if due. The epoch's last window (after
+    its last log step) is checked for a non-finite loss here, in the epoch's one collective, on every rank alike."""
     cfg, p, acc = run.cfg, run.progress, run.accelerator
-    images, loss_sum, smoothed_sum, correct = sum_across_ranks(
-        acc, [stats.images, stats.loss * stats.images, stats.loss_smoothed * stats.images, stats.acc * stats.images]
-    )
+    images, loss_sum, smoothed_sum, correct, *nonfinite = sum_across_ranks(
+        acc,
+        [stats.images, stats.loss * stats.images, stats.loss_smoothed * stats.images, stats.acc * stats.images,
+         *per_rank(acc, stats.nonfinite_steps)],
+    )  # fmt: skip
+    raise_if_nonfinite(nonfinite, last_window_first_step, p.step, nonfinite_hint(run))
     p.epoch += 1
     p.step_in_epoch = 0
     p.train_time_s += seconds
@@ -479,7 +528,7 @@ def interrupted(run: Run, signals: StopSignals) -> int:
         f"Continue with --resume auto --run.dir {run.run_dir}"
     )
     save_checkpoint(run)
-    return 128 + signum
+    return signal_exit_code(signum)
 
 
 def save_final_model(run: Run) -> Path | None:
@@ -520,14 +569,17 @@ def finish(run: Run, exit_code: int, model_info: dict) -> dict:
 def train_repeats(cfg: Config, argv: list[str]) -> dict:
     """`run.repeats` runs with seeds seed, seed+1, ... in one process (compiled code is reused from the second run
     on), each a normal run directory `<run.dir>/repeat-<i>` and a W&B run of one group; repeats.json holds the mean
-    and standard deviation of accuracy and time, as airbench reports them."""
+    and standard deviation of accuracy and time, as airbench reports them. With several processes every rank runs
+    every repeat; the process group lives until all are done (`end_process_group`)."""
     import statistics
 
+    accelerator, _ = make_accelerator(cfg)  # each run makes its own; this one names the directory and who writes
     root = (
         Path(cfg.run.dir)
         if cfg.run.dir
         else Path("runs") / f"{cfg.run.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     )
+    root = Path(from_main(accelerator, str(root)))  # the main process's clock names it for every rank
     group = cfg.wandb.group or root.name
     summaries = []
     for i in range(cfg.run.repeats):
@@ -549,9 +601,10 @@ def train_repeats(cfg: Config, argv: list[str]) -> dict:
         "runs": len(summaries), "seeds": [s["seed"] for s in summaries], "tta_level": cfg.train.tta_level,
         "tta_acc": spread("tta_acc"), "val_acc": spread("val_acc"), "total_time_s": spread("total_time_s"),
         "train_time_s": spread("train_time_s"), "compile_time_s": spread("compile_time_s"),
+        "compiled_graphs": [s["compiled_graphs"] for s in summaries],
         "exit_code": max(s["exit_code"] for s in summaries),
     }  # fmt: skip
-    if Accelerator().is_main_process:
+    if accelerator.is_main_process:
         write_json(root / "repeats.json", result)
         acc, secs = result["tta_acc"], result["total_time_s"]
         if acc["mean"] is not None:
@@ -565,10 +618,18 @@ def train_repeats(cfg: Config, argv: list[str]) -> dict:
 def command(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip() + "\n\n" + help_text())
-        return 0
+        return EXIT_OK
     cfg = load_config(argv, default_recipe=None if "--config" in " ".join(argv) else default_recipe())
     result = train_repeats(cfg, argv) if cfg.run.repeats > 1 else train(cfg, argv)
+    end_process_group()
     return result["exit_code"]
+
+
+def end_process_group() -> None:
+    """Once, after the process's last run: repeated runs share the process group Accelerate started with the first
+    (Accelerator.end_training would destroy it, and the next run's collectives would fail)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,22 @@ from fnmatch import fnmatch
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import checkpoint_steps, launch, read_archive_slice, run_train
+from helpers import (
+    FAST,
+    checkpoint_steps,
+    launch,
+    read_archive_slice,
+    run_train,
+    wandb_offline_runs,
+    wandb_records,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fasttrain.data.normalize import CIFAR10_MEAN, CIFAR10_STD
 from fasttrain.errors import ConfigError, DatasetError
-from fasttrain.loop.muon import Muon, newton_schulz
+from fasttrain.loop import muon as muon_module
+from fasttrain.loop.muon import Muon, compiled_newton_schulz, newton_schulz
 from fasttrain.models import Airbench94, count_params, create, data_init
 
 SMALL = {"widths": (8, 16, 16)}
@@ -80,6 +89,10 @@ def test_newton_schulz_compiles_to_one_graph() -> None:
     explanation = torch._dynamo.explain(newton_schulz)(torch.randn(64, 216))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_compiled_newton_schulz_is_made_once_per_process() -> None:
+    assert compiled_newton_schulz() is compiled_newton_schulz()  # torch.compile is lazy: nothing compiles here
 
 
 # --- Muon ---
@@ -183,6 +196,39 @@ def test_muon_state_round_trips_through_a_checkpoint() -> None:
     for name, p in _conv_filters(model).items():
         assert torch.equal(p, _conv_filters(resumed_model)[name]), name
         assert not torch.equal(p, _conv_filters(forgetful_model)[name]), name
+
+
+def test_a_compiling_run_gives_muon_the_compiled_iteration_and_the_same_steps(monkeypatch) -> None:
+    """build_optimizers(compiled=True), as train.py passes the run plan's compile decision: Muon runs Newton-Schulz
+    through torch.compile (here Dynamo with a counting eager backend: the graphs, without inductor's compile time),
+    steps as the uncompiled Muon does, and a second step compiles nothing new."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fasttrain.config import load_config
+    from fasttrain.loop.optim import build_optimizers
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(muon_module, "compiled_newton_schulz", lambda: torch.compile(newton_schulz, backend=counter))
+    cfg = load_config(["--config", "airbench94"])
+    models = {True: create("airbench94", **SMALL)}
+    models[False] = copy.deepcopy(models[True])
+    muons = {}
+    for compiled, model in models.items():
+        optimizers = build_optimizers(model, cfg.train, cfg.param_groups, cfg.train.batch_size, compiled=compiled)
+        (muons[compiled],) = [o for o in optimizers if isinstance(o, Muon)]
+    assert muons[False].orthogonalise is newton_schulz and muons[True].orthogonalise is not newton_schulz
+    graphs = []
+    for step in range(2):
+        for model in models.values():
+            torch.manual_seed(step)
+            _backward_on_random_batch(model)
+        for muon in muons.values():
+            muon.step()
+        graphs.append(counter.frame_count)
+    assert graphs[0] >= 1 and graphs[1] == graphs[0], graphs
+    for name, p in _conv_filters(models[True]).items():
+        torch.testing.assert_close(p, _conv_filters(models[False])[name], rtol=0, atol=0)
 
 
 class _FailOnHostRead(TorchDispatchMode):
@@ -509,3 +555,43 @@ def test_two_processes_train_the_recipe_with_the_same_parameters_on_both_ranks(c
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["parameters_agree_across_ranks"] is True
+
+
+# --- repeated runs (airbench's mean +- std over seeds) ---
+
+
+@pytest.mark.slow
+def test_repeats_train_consecutive_seeds_and_report_their_spread(cifar_slice_dir, tmp_path):
+    """`--run.repeats 2`: two run directories with seeds 5 and 6, repeats.json with the mean, standard deviation
+    and median of TTA accuracy and time over them, both W&B runs in one group. Compile stays off here (a cold
+    inductor cache costs ~25 s on 2 cores); with it on, repeats.json's compiled_graphs shows the second run making
+    none (measured on this slice: [2, 0], compile 2.4 s then 0.1 s)."""
+    import statistics
+
+    root = tmp_path / "bench"
+    args = [*FAST, "--wandb.mode", "offline", "--train.epochs", "1", "--run.seed", "5", "--run.repeats", "2",
+            "--data.dir", str(cifar_slice_dir), "--run.dir", str(root)]  # fmt: skip
+    proc = run_train(args, tmp_path)
+    result = json.loads((root / "repeats.json").read_text())
+    assert result["runs"] == 2 and result["seeds"] == [5, 6] and result["exit_code"] == 0
+    summaries = [json.loads((root / f"repeat-{i}" / "summary.json").read_text()) for i in range(2)]
+    assert [s["seed"] for s in summaries] == [5, 6] and all(s["status"] == "finished" for s in summaries)
+    for key in ("tta_acc", "total_time_s"):
+        values = [s[key] for s in summaries]
+        assert result[key]["values"] == values
+        assert result[key]["mean"] == pytest.approx(statistics.fmean(values))
+        assert result[key]["std"] == pytest.approx(statistics.stdev(values))
+        assert result[key]["median"] == pytest.approx(statistics.median(values))
+    assert "repeats: 2 runs, TTA accuracy" in proc.stdout
+    weights = [_weights(root / f"repeat-{i}") for i in range(2)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "two seeds, two different runs"
+
+    assert result["compiled_graphs"] == [0, 0]
+
+    groups, seeds = [], []
+    for i in range(2):
+        (offline,) = wandb_offline_runs(root / f"repeat-{i}")
+        (run,) = [r["run"] for r in wandb_records(next(offline.glob("run-*.wandb"))) if r.get("type") == "run"]
+        groups.append(run["run_group"])
+        seeds.append(run["config"]["update"]["run"]["seed"])
+    assert groups == [root.name, root.name] and seeds == [5, 6]

@@ -74,11 +74,23 @@ param_groups:
 """
 
 
-def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, data_dir):
+# The summed loss's case: its gradients are 1,000 times a mean's on the full 1,000-image batch, so LRs / 1,000. Every
+# group on SGD, the optimiser a wrong gradient scale moves (measured without the fix: weights up to 2.6e-3 apart;
+# with it 2e-8). Muon ignores the scale, and its bf16 Newton-Schulz would blur the comparison: the gradient's last
+# bits differ with the split, and at this scale they flip a rounding in the first step and spread (1e-3 by step 4).
+SUMMED_LOSS = [
+    "--train.loss_reduction", "sum", "--train.lr", "2e-4", "--param_groups.biases.lr", "2e-4",
+    "--param_groups.filters.optimizer", "sgd", "--param_groups.filters.lr", "2e-4",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, data_dir, reduction):
     """Full-batch steps (global batch = all 1,000 images), no augmentation, no BatchNorm, no dropout, and two
     optimisers with their own schedules (Muon's update is computed from the all-reduced gradient): each step's
     gradient is the same whatever the split, so DDP's averaged gradients must give the 1-process weights, and the
-    two ranks must hold the same parameters."""
+    two ranks must hold the same parameters. With a summed loss each rank sums over its half of the batch and DDP
+    averages: the engine scales by the process count, else the SGD groups would step half as far."""
     recipe = tmp_path / "two_optimisers.yaml"
     recipe.write_text(TWO_OPTIMISERS)
     args = [
@@ -87,7 +99,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, d
         "1000", "--train.lr_peak_epoch", "1", "--train.epochs", "4", "--train.label_smoothing", "0",
         "--train.mixed_precision", "no", "--train.compile", "off", "--train.tta_level", "0", "--data.dir",
         str(data_dir), "--data.mode", "resident", "--data.flip", "false", "--data.translate", "0", "--data.cutout", "0",
-        "--wandb.mode", "disabled",
+        "--wandb.mode", "disabled", *(SUMMED_LOSS if reduction == "sum" else []),
     ]  # fmt: skip
     one, _ = launch([*args, "--run.dir", str(tmp_path / "one")], tmp_path, processes=1)
     assert one.returncode == 0, one.stderr[-4000:]
@@ -95,7 +107,8 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, d
     assert two.returncode == 0, two.stderr[-4000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["parameters_agree_across_ranks"] is True
-    assert "filters muon" in two.stdout and "biases sgd" in two.stdout, "both optimisers were in use"
+    filters = "filters sgd" if reduction == "sum" else "filters muon"
+    assert filters in two.stdout and "biases sgd" in two.stdout, "the groups ran the optimisers meant"
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
     for key in w1:
@@ -104,7 +117,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, d
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-4)
     loss_one = [r["train_loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "epoch"]
     loss_two = [r["train_loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "epoch"]
-    assert loss_one == pytest.approx(loss_two, rel=1e-4)
+    assert loss_one == pytest.approx(loss_two, rel=1e-4)  # per-image figures, whatever the reduction
     assert loss_one[-1] < loss_one[0], "the runs trained (the comparison is not between two untouched models)"
 
 
@@ -132,3 +145,41 @@ def test_a_rank_that_raises_ends_the_whole_job_quickly(tmp_path, data_dir):
     assert "injected fault on rank 1 at step 5" in proc.stderr
     startup_and_run = 60
     assert seconds < startup_and_run, f"the job took {seconds:.0f} s to die"
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_together(tmp_path, data_dir):
+    """Rank 1 trains step 2 on a batch of NaNs; rank 0's own loss stays finite in that log window (the NaN reaches
+    it through the all-reduced gradient only at step 3). The ranks agree at the log step, so both stop there with
+    the same message and exit 3: none raises alone while the other waits in a collective."""
+    run_dir = tmp_path / "r"
+    proc, seconds = launch(
+        [*TINY, "--data.dir", str(data_dir), "--data.mode", "resident", "--run.dir", str(run_dir),
+         "--train.epochs", "2", "--wandb.mode", "disabled"],
+        tmp_path, processes=2, env_extra={"FASTTRAIN_INJECT_FAULT": "at=batch,rank=1,step=2,action=nan"},
+        timeout=180,
+    )  # fmt: skip
+    message = "fasttrain: error: the loss became NaN/Inf in 1 of optimizer steps 1-2 on rank 1 of 2 processes."
+    assert proc.stderr.count(message) == 2, proc.stderr[-4000:]  # once per rank (their lines may interleave)
+    assert 'train.py", line' not in proc.stderr, "no rank died of an exception (the launcher's own traceback aside)"
+    # Both ranks exit 3; whichever the launcher sees second it may have stopped itself by then (a race of exits).
+    assert "exitcode  : 3" in proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "nonfinite_loss"
+    assert seconds < 60, f"the job took {seconds:.0f} s to stop"
+
+
+def test_two_processes_train_repeats_in_one_process_group(tmp_path, data_dir):
+    """`--run.repeats 2` under `accelerate launch`: the process group outlives the first run (it ends once, after
+    the last), so the second run's collectives work."""
+    root = tmp_path / "repeats"
+    proc, _ = launch(
+        [*TINY, "--data.dir", str(data_dir), "--data.mode", "resident", "--run.dir", str(root), "--train.epochs", "1",
+         "--run.repeats", "2", "--wandb.mode", "disabled"],
+        tmp_path, processes=2,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((root / "repeats.json").read_text())
+    assert result["runs"] == 2 and result["seeds"] == [0, 1] and result["exit_code"] == 0
+    for i in range(2):
+        summary = json.loads((root / f"repeat-{i}" / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["steps"] == 10
+        assert summary["parameters_agree_across_ranks"] is True

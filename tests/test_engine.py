@@ -1,5 +1,7 @@
 """The step engine in-process: no run directory, no subprocess, a real Accelerator on the CPU."""
 
+import contextlib
+import copy
 import math
 
 import pytest
@@ -81,7 +83,16 @@ def test_a_non_finite_loss_is_reported_with_its_step_window():
     stats = engine.take_window()
     assert stats.nonfinite_steps >= 1
     with pytest.raises(NonFiniteLoss, match="optimizer steps 1-4"):
-        raise_if_nonfinite(stats, 0, 4, "hint")
+        raise_if_nonfinite([stats.nonfinite_steps], 0, 4, "hint")
+
+
+def test_a_non_finite_loss_on_one_rank_is_named_by_every_rank_alike():
+    raise_if_nonfinite([0, 0], 10, 12, "hint")  # no rank saw one: nothing to raise
+    with pytest.raises(NonFiniteLoss) as error:
+        raise_if_nonfinite([0, 1], 10, 12, "hint")
+    assert str(error.value) == "the loss became NaN/Inf in 1 of optimizer steps 11-12 on rank 1 of 2 processes. hint"
+    with pytest.raises(NonFiniteLoss, match="in 2 of optimizer steps 11-12 on ranks 0, 1 of 2 processes"):
+        raise_if_nonfinite([2, 1], 10, 12, "hint")
 
 
 def test_skip_mode_drops_the_step_and_leaves_batchnorm_statistics_as_they_were():
@@ -119,3 +130,35 @@ def test_windows_combine_weighted_by_images():
     both = WindowStats.combine([a, b])
     assert (both.steps, both.images, both.nonfinite_steps) == (4, 40, 1)
     assert both.loss == pytest.approx(2.5) and both.acc == pytest.approx(0.2)
+
+
+class TwoProcessAccelerator:
+    """What the engine asks of an Accelerator, as rank 0 of 2 would answer (no process group: DDP's averaging is
+    left out, so the gradient seen is this rank's own)."""
+
+    num_processes, device = 2, torch.device("cpu")
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_a_summed_loss_is_scaled_by_the_process_count_and_reported_unscaled():
+    """Under DDP each rank's gradient is averaged over ranks; x2 makes a summed loss's gradient the global sum."""
+    torch.manual_seed(0)
+    images, labels = batch()
+    initial = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    gradients, reported = {}, {}
+    for reduction in ("mean", "sum"):
+        model = copy.deepcopy(initial)
+        engine = StepEngine(
+            model, [torch.optim.SGD(model.parameters(), lr=0.0)], [], TwoProcessAccelerator(), loss_reduction=reduction
+        )
+        model[1].weight.register_hook(lambda grad, reduction=reduction: gradients.setdefault(reduction, grad.clone()))
+        engine.step(images, labels)
+        reported[reduction] = engine.take_window()
+    torch.testing.assert_close(gradients["sum"], 2 * 16 * gradients["mean"])  # 2 processes x 16 images
+    assert reported["sum"].loss == pytest.approx(reported["mean"].loss, rel=1e-6)  # per image, unscaled
+    assert reported["sum"].loss_smoothed == pytest.approx(reported["mean"].loss_smoothed, rel=1e-6)

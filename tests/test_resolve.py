@@ -1,14 +1,20 @@
 """Decisions made once per run: precision from the config, the launcher and the device; CPU threads under
 `accelerate launch`."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from fasttrain.config import load_config
 from fasttrain.errors import ConfigError
+from fasttrain.loop import resolve as resolve_module
 from fasttrain.loop.resolve import launched_single_threaded, make_accelerator, precision_for, resolve, usable_cpus
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)  # a device object only: nothing here runs on it
+AUTO_PRECISION = ["--config", "cpu_quick", "--train.mixed_precision", "auto"]
 
 
 @pytest.mark.parametrize(
@@ -23,6 +29,71 @@ CPU = torch.device("cpu")
 )
 def test_precision_follows_config_then_launcher_then_device(requested, launcher, expected):
     assert precision_for(requested, CPU, launcher) == expected
+
+
+@pytest.fixture
+def gpu_present(monkeypatch):
+    """torch reports a bf16-capable GPU (this machine may have none), and the launcher's settings are unset."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    for name in ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    "requested,launcher,expected",
+    [
+        ("auto", None, "bf16"),  # bf16 on a GPU that has it
+        ("auto", "no", "bf16"),  # the launcher's default "no" is no choice
+        ("auto", "fp16", "fp16"),  # `accelerate launch --mixed_precision fp16` is honoured
+        ("bf16", "fp16", "bf16"),  # an explicit config wins over the launcher
+        ("fp16", None, "fp16"),
+    ],
+)
+def test_precision_on_a_cuda_device(gpu_present, requested, launcher, expected):
+    assert precision_for(requested, CUDA, launcher) == expected
+
+
+def test_without_bf16_a_cuda_device_defaults_to_fp32(gpu_present, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert precision_for("auto", CUDA, None) == "no"
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process-wide state forgotten before and after: the test's Accelerator decides its device anew."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_cpu_flag_means_fp32_where_a_gpu_is_present(gpu_present, fresh_accelerate_state, monkeypatch):
+    """`accelerate launch --cpu` (ACCELERATE_USE_CPU) on a machine with a bf16 GPU: the run is on the CPU, so "auto"
+    is fp32 there, and every other automatic decision follows the CPU too, not the GPU torch can see."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    cfg = load_config(AUTO_PRECISION)
+    accelerator, notes = make_accelerator(cfg)
+    plan = resolve(cfg, accelerator, notes)
+    assert accelerator.device.type == "cpu" and plan.device == "cpu" and plan.device_name == "cpu"
+    assert accelerator.mixed_precision == "no" and plan.mixed_precision == "no"
+    assert not plan.fused_optimizer and plan.compile is False  # compile "off" in cpu_quick; see the next case too
+    cfg.train.compile = "auto"
+    assert resolve(cfg, accelerator).compile is False
+
+
+@pytest.mark.parametrize("launcher,config,expected", [("fp16", "auto", "fp16"), ("bf16", "auto", "bf16"),
+                                                     ("no", "auto", "bf16"), ("fp16", "no", "no")])  # fmt: skip
+def test_the_launchers_precision_reaches_the_accelerator_on_a_cuda_device(gpu_present, monkeypatch, launcher,
+                                                                          config, expected):  # fmt: skip
+    """make_accelerator on a CUDA device (Accelerate's state and Accelerator stand-ins: no GPU needed) builds the
+    Accelerator with the precision the launcher or config chose, and names a launcher setting it overrides."""
+    built = {}
+    monkeypatch.setattr(resolve_module, "PartialState", lambda cpu: SimpleNamespace(device=CUDA))
+    monkeypatch.setattr(resolve_module, "Accelerator", lambda **kwargs: built.update(kwargs) or "accelerator")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    _, notes = make_accelerator(load_config(["--config", "cpu_quick", "--train.mixed_precision", config]))
+    assert built["mixed_precision"] == expected and built["cpu"] is False
+    assert any("the launcher asked for fp16" in note for note in notes) == (config == "no")
 
 
 @pytest.mark.parametrize("requested,launcher", [("fp16", None), ("auto", "fp16")])

@@ -20,6 +20,14 @@ def sum_across_ranks(accelerator, values: list[float] | torch.Tensor) -> list[fl
     return t.tolist()
 
 
+def per_rank(accelerator, value: float) -> list[float]:
+    """`value` in this rank's slot of a list with one slot per rank, zeros elsewhere: appended to the values of a
+    `sum_across_ranks` it tells every rank what each rank had, in the same collective."""
+    slots = [0.0] * accelerator.num_processes
+    slots[accelerator.process_index] = float(value)
+    return slots
+
+
 def any_rank(accelerator, flag: bool) -> bool:
     """True on every rank if `flag` is true on any of them. One process needs no collective (and no device sync)."""
     if accelerator.num_processes == 1:
@@ -81,23 +89,27 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def inject_fault(rank: int, step: int, at: str = "step") -> None:
+def inject_fault(rank: int, step: int, at: str = "step") -> bool:
     """Fault injection for the reliability tests, off unless FASTTRAIN_INJECT_FAULT is set:
     "rank=1,step=5" makes rank 1 raise after 5 optimizer steps, as a crashing rank would;
     "at=checkpoint,step=20,action=kill" makes the process SIGKILL itself while writing the checkpoint of step 20,
     after its files are written and before they are renamed into place; "action=term" sends SIGTERM instead.
     Other moments: at=eval (an evaluation starts), at=metrics (half of a metrics.jsonl line is written),
-    at=wandb (W&B has just started)."""
+    at=wandb (W&B has just started), at=batch (the batch of optimizer step `step` is about to be trained).
+    "at=batch,rank=1,step=2,action=nan" returns True there: the loop then trains that rank on a batch of NaNs, so
+    only that rank's loss goes non-finite at that step. Returns False otherwise."""
     spec = os.environ.get("FASTTRAIN_INJECT_FAULT")
     if not spec:
-        return
+        return False
     target = dict(part.split("=", 1) for part in spec.split(","))
     if target.get("at", "step") != at or int(target.get("rank", 0)) != rank or int(target["step"]) != step:
-        return
+        return False
     action = target.get("action", "raise")
+    if action == "nan":
+        return True
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "term":  # as `kill PID` would: the loop checkpoints at its next check and exits 143
         os.kill(os.getpid(), signal.SIGTERM)
-        return
+        return False
     raise RuntimeError(f"injected fault on rank {rank} at step {step} (FASTTRAIN_INJECT_FAULT={spec})")

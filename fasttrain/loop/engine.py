@@ -67,6 +67,10 @@ class StepEngine:
     `forward`: what computes the logits, e.g. the compiled model (default: `model`). `loss_reduction`: "mean", or
     "sum" over the batch (airbench). `nonfinite`: "stop" lets the caller stop at the next window; "skip" drops a
     step whose loss is NaN/Inf on any rank (restoring BatchNorm statistics, so the dropped step leaves no trace).
+
+    A summed loss is multiplied by the number of processes before backward: DDP averages gradients over ranks, so
+    the gradient is then the sum over the global batch, as one process on that batch would compute it. A mean loss
+    needs nothing (the mean of per-rank means is the global mean). Reported losses are never scaled.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class StepEngine:
         self.forward = forward if forward is not None else model  # (a compiled nn.Sequential has no truth value)
         self.label_smoothing, self.loss_reduction, self.grad_clip = label_smoothing, loss_reduction, grad_clip
         self.nonfinite = nonfinite
+        self._backward_scale = accelerator.num_processes if loss_reduction == "sum" else 1
         self._stats = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
         self._images = self._steps = self._skipped = 0
 
@@ -96,7 +101,7 @@ class StepEngine:
             logits = self.forward(images)
         logits = logits.float()
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction=self.loss_reduction)
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss * self._backward_scale if self._backward_scale != 1 else loss)
         if saved_buffers is not None and any_rank(self.accelerator, not bool(torch.isfinite(loss))):
             self._drop_step(saved_buffers)
             return False
@@ -152,10 +157,17 @@ class StepEngine:
         return self.schedulers[0].get_last_lr()[0] if self.schedulers else self.optimizers[0].param_groups[0]["lr"]
 
 
-def raise_if_nonfinite(stats: WindowStats, first_step: int, last_step: int, hint: str) -> None:
-    """NonFiniteLoss naming the window of optimizer steps (1-based) where the loss became NaN/Inf."""
-    if stats.nonfinite_steps:
-        raise NonFiniteLoss(
-            f"the loss became NaN/Inf in {stats.nonfinite_steps} of optimizer steps {first_step + 1}-{last_step}. "
-            + hint
-        )
+def raise_if_nonfinite(nonfinite_per_rank: list[int], first_step: int, last_step: int, hint: str) -> None:
+    """NonFiniteLoss naming the window of optimizer steps (1-based) where the loss became NaN/Inf, and with several
+    processes the ranks that saw it. `nonfinite_per_rank`: each rank's count of non-finite steps in the window, the
+    same list on every rank (fasttrain.loop.distributed.per_rank), so every rank raises the same error together."""
+    counts = [int(n) for n in nonfinite_per_rank]
+    if not any(counts):
+        return
+    ranks = ""
+    if len(counts) > 1:
+        seen = [str(rank) for rank, n in enumerate(counts) if n]
+        ranks = f" on rank{'s' if len(seen) > 1 else ''} {', '.join(seen)} of {len(counts)} processes"
+    raise NonFiniteLoss(
+        f"the loss became NaN/Inf in {max(counts)} of optimizer steps {first_step + 1}-{last_step}{ranks}. " + hint
+    )

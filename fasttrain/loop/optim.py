@@ -111,22 +111,29 @@ def _torch_groups(settings: GroupSettings, params: list[tuple[str, nn.Parameter]
     ]
 
 
-def _make_optimizer(kind: str, groups: list[dict], s: GroupSettings, fused: bool) -> torch.optim.Optimizer:
+def _make_optimizer(
+    kind: str, groups: list[dict], s: GroupSettings, fused: bool, compiled: bool
+) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, nesterov=s.nesterov, fused=fused or None)
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=s.lr, betas=(s.momentum, 0.999), fused=fused or None)
     from fasttrain.loop.muon import Muon
 
-    return Muon(groups, lr=s.lr, momentum=s.momentum, nesterov=s.nesterov)
+    return Muon(groups, lr=s.lr, momentum=s.momentum, nesterov=s.nesterov, compile_newton_schulz=compiled)
 
 
 def build_optimizers(
-    model: nn.Module, t: TrainSection, groups: dict[str, ParamGroup], global_batch: int, fused: bool = False
+    model: nn.Module,
+    t: TrainSection,
+    groups: dict[str, ParamGroup],
+    global_batch: int,
+    fused: bool = False,
+    compiled: bool = False,
 ) -> list[torch.optim.Optimizer]:
     """One optimiser per optimiser type in use, in the order the groups are listed; empty groups are dropped.
     `fused` asks torch for its fused SGD/AdamW kernels (CUDA): one launch per step, and no host sync under a
-    GradScaler."""
+    GradScaler. `compiled` runs Muon's Newton-Schulz iteration through torch.compile (the run compiles its model)."""
     settings = {s.name: s for s in group_settings(t, groups, global_batch)}
     by_kind: dict[str, tuple[list[dict], GroupSettings]] = {}
     for name, params in assign_params(model, groups).items():
@@ -139,7 +146,7 @@ def build_optimizers(
             by_kind.setdefault(s.optimizer, ([], s))[0].append(g)
     if not by_kind:
         raise ConfigError("the model has no trainable parameters")
-    return [_make_optimizer(kind, torch_groups, s, fused) for kind, (torch_groups, s) in by_kind.items()]
+    return [_make_optimizer(kind, torch_groups, s, fused, compiled) for kind, (torch_groups, s) in by_kind.items()]
 
 
 def lr_factor(step: int, total_steps: int, peak_step: int, schedule: str) -> float:
@@ -185,3 +192,4 @@ def follow_config(schedulers, optimizers, peaks: list[list[float]]) -> None:
         scheduler.base_lrs = list(group_peaks)
         for g, peak, fn in zip(opt.param_groups, group_peaks, scheduler.lr_lambdas):
             g["lr"] = peak * fn(scheduler.last_epoch)
+            g["initial_lr"] = peak  # LambdaLR's own copy of the peak, kept consistent in the next checkpoint
