@@ -105,9 +105,9 @@ def test_killed_at_random_moments_the_run_resumes_to_the_same_result(uninterrupt
     assert same_rows(rows) == same_rows(expected), context
     steps, whole_steps = wandb_history_steps(run_dir), wandb_history_steps(uninterrupted)
     assert whole_steps and sorted(whole_steps) == sorted(set(whole_steps)), "the uninterrupted run's W&B history"
-    assert sorted(steps) == sorted(set(steps)), f"{context}: W&B steps logged twice: {sorted(steps)}"
-    # A kill may lose rows W&B had not written yet, never add or repeat one.
-    assert set(steps) <= set(whole_steps) and steps, f"{context}: {sorted(steps)} vs {sorted(whole_steps)}"
+    # Every step once over all the W&B offline runs: a SIGKILL loses what wandb had not written yet, and the
+    # resumed run sends that again, but nothing W&B already holds.
+    assert sorted(steps) == sorted(whole_steps), f"{context}: W&B steps {sorted(steps)}"
     summary = json.loads((run_dir / "summary.json").read_text())
     whole = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["status"] == "finished" and summary.keys() == whole.keys(), context

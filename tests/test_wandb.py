@@ -13,6 +13,7 @@ from helpers import wandb_history, wandb_records, wandb_summary
 
 from fasttrain.tracking import start_wandb
 from fasttrain.tracking.dashboard import build_workspace, main, workspace_spec
+from fasttrain.tracking.wandb_history import holds, recorded_keys
 from fasttrain.tracking.wandb_keys import ROW_KEYS, SUMMARY_COLUMNS, logged_keys, to_wandb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,3 +323,22 @@ def test_sweep_file_searches_lr_and_epochs_on_the_logged_validation_accuracy():
         for epochs in sweep["parameters"]["train.epochs"]["values"]:
             cfg = load_config([*recipe_args, f"--train.lr={lr}", f"--train.epochs={epochs}"])  # as the agent passes
             assert (cfg.model["name"], cfg.train.lr, cfg.train.epochs) == ("resnet9_ffcv", lr, epochs)
+
+
+def test_recorded_keys_reads_what_earlier_offline_runs_hold(clean_env, tmp_path, monkeypatch):
+    """What a resumed run reads to know which rows W&B already holds (fasttrain.tracking.wandb_history)."""
+    monkeypatch.chdir(tmp_path)
+    first = _offline(tmp_path, project="fasttrain-test")
+    for row in [*STEP_ROWS[:2], EPOCH_ROWS[0]]:  # steps 5 and 10, and epoch 1 merged into step 10
+        first.log_row(row)
+    first.finish()
+    _reset_wandb()
+    second = _offline(tmp_path, project="fasttrain-test", resume_id=first.id)  # its own offline directory
+    recorded = recorded_keys(tmp_path / "run", first.id, current=second.run_dir_path)
+    assert sorted(recorded) == [5, 10]
+    assert holds(recorded, STEP_ROWS[0]) and holds(recorded, STEP_ROWS[1]) and holds(recorded, EPOCH_ROWS[0])
+    assert not holds(recorded, STEP_ROWS[2]) and not holds(recorded, EPOCH_ROWS[1])
+    assert not holds(recorded, {**STEP_ROWS[0], "gpu_mem_gb": 1.0}), "a value W&B lacks at that step"
+    second.log_row(STEP_ROWS[2])
+    second.finish()
+    assert recorded_keys(tmp_path / "run", first.id, current=first.run_dir_path).keys() == {15}

@@ -3,7 +3,10 @@ curves.png. Only the main process writes; on other ranks every method is a no-op
 
 from __future__ import annotations
 
+import functools
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from fasttrain.files import write_json, write_text
 from fasttrain.tracking.console import EpochTable
 from fasttrain.tracking.metrics import MetricsFile, read_metrics
 from fasttrain.tracking.plots import plot_curves
+from fasttrain.tracking.wandb_history import holds, recorded_keys
 from fasttrain.tracking.wandb_run import start_wandb
 
 TABLE = [("epoch", "d"), ("train_loss", ".4f"), ("train_acc", ".4f"), ("val_loss", ".4f"), ("val_acc", ".4f"),
@@ -35,6 +39,26 @@ class Reporter:
                 tags=w.tags or None, group=w.group, job_type=w.job_type,
                 config={**cfg.to_dict(), "plan": plan.as_dict()}, run_dir=run_dir, resume_id=wandb_id,
             )  # fmt: skip
+        self.wandb_holds = self._sent_before if resume_step is None else self._wandb_holds_after_resume()
+
+    def _sent_before(self, row: dict[str, Any]) -> bool:
+        """Without a readable record of what W&B holds: the rows an interrupted run wrote to metrics.jsonl."""
+        return (row["kind"], row["step"]) in self.metrics.previously_logged
+
+    def _wandb_holds_after_resume(self) -> Callable[[dict[str, Any]], bool]:
+        """Continuing a W&B offline run: send what its earlier offline runs lack of the rows up to the checkpoint
+        now, and later only rows they lack (see wandb_history). Elsewhere, trust metrics.jsonl."""
+        if not self.main or self.wandb is None or self.wandb.mode != "offline" or self.wandb_id is None:
+            return self._sent_before
+        try:
+            recorded = recorded_keys(self.run_dir, self.wandb_id, current=self.wandb.run_dir_path)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            self.say(f"W&B: could not read what the interrupted run recorded ({type(e).__name__}); not resending")
+            return self._sent_before
+        missing = [row for row in read_metrics(self.metrics.path) if not holds(recorded, row)]
+        for row in missing:
+            self.wandb.log_row(row)
+        return functools.partial(holds, recorded)
 
     @property
     def wandb_id(self) -> str | None:
@@ -55,9 +79,9 @@ class Reporter:
         if not self.main:
             return
         self.metrics.write(row)
-        # A resumed run replays the steps after its checkpoint; the interrupted run already sent those rows to W&B
-        # (the same values: resumption is exact), so W&B gets each row once.
-        if (row["kind"], row["step"]) not in self.metrics.previously_logged:
+        # A resumed run replays the steps after its checkpoint; rows the interrupted run got into W&B are not sent
+        # again (the same values: resumption is exact), so W&B gets each row once.
+        if not self.wandb_holds(row):
             self.wandb.log_row(row)
         if row["kind"] == "epoch":
             if not self.header_shown:
