@@ -15,6 +15,7 @@ from fasttrain.tracking import start_wandb
 from fasttrain.tracking.dashboard import build_workspace, main, workspace_spec
 from fasttrain.tracking.wandb_history import holds, recorded_keys
 from fasttrain.tracking.wandb_keys import ROW_KEYS, SUMMARY_COLUMNS, logged_keys, to_wandb
+from fasttrain.tracking.wandb_run import local_run_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 _IDENTITY_ENV = (
@@ -342,3 +343,14 @@ def test_recorded_keys_reads_what_earlier_offline_runs_hold(clean_env, tmp_path,
     second.log_row(STEP_ROWS[2])
     second.finish()
     assert recorded_keys(tmp_path / "run", first.id, current=first.run_dir_path).keys() == {15}
+
+
+def test_local_run_dirs_include_those_started_within_one_second(tmp_path):
+    """wandb names a second directory of one id started in the same second `<...>-<id>-1`; a resumed run must see it."""
+    names = ["offline-run-20261201_082440-abc", "offline-run-20261201_082440-abc-1", "offline-run-20261201_082441-abcd",
+             "run-20261201_082440-abc", "offline-run-20261201_082442-xabc"]  # fmt: skip
+    for name in names:
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    found = [p.name for p in local_run_dirs(tmp_path, "abc", kind="offline-run")]
+    assert found == ["offline-run-20261201_082440-abc", "offline-run-20261201_082440-abc-1"]
+    assert [p.name for p in local_run_dirs(tmp_path, "abc")] == ["run-20261201_082440-abc"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttrain.tracking.wandb_keys import to_wandb
+from fasttrain.tracking.wandb_run import local_run_dirs
 
 READ_TIMEOUT_S = 60
 
@@ -24,7 +25,7 @@ def recorded_keys(run_dir: Path, run_id: str, current: Path | None) -> dict[int,
     `current` (the one this process writes). Raises OSError, ValueError or subprocess.SubprocessError when wandb
     cannot read them."""
     recorded: dict[int, set[str]] = {}
-    for offline in sorted((Path(run_dir) / "wandb").glob(f"offline-run-*-{run_id}")):
+    for offline in local_run_dirs(run_dir, run_id, kind="offline-run"):
         if current is not None and offline.resolve() == Path(current).resolve():
             continue
         for log in offline.glob(f"run-{run_id}.wandb"):

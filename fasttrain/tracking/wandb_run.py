@@ -238,7 +238,7 @@ def _init(mode: str, reason: str, run_dir: Path, init_args: dict, settings: dict
     if mode == "online":
         problem = server_unreachable(wandb_base_url())
         if problem is None:
-            existing = _local_run_dirs(run_dir, init_args["id"])
+            existing = set(local_run_dirs(run_dir, init_args["id"]))
             try:
                 return wandb.init(mode="online", settings=wandb.Settings(**settings), **init_args), "online", reason
             except Exception as error:  # noqa: BLE001 - any failure to reach W&B means "log offline"
@@ -273,8 +273,12 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def _local_run_dirs(run_dir: Path, run_id: str) -> set[Path]:
-    return set((run_dir / "wandb").glob(f"run-*-{run_id}"))
+def local_run_dirs(run_dir: Path, run_id: str, kind: str = "run") -> list[Path]:
+    """W&B's local directories of run `run_id` under `run_dir`/wandb, oldest first: `<kind>-<time>-<id>`, and
+    `<kind>-<time>-<id>-<n>` when a run with that id started within the same second. `kind`: "run" (online) or
+    "offline-run"."""
+    pattern = re.compile(rf"{re.escape(kind)}-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    return sorted(p for p in (Path(run_dir) / "wandb").glob(f"{kind}-*") if pattern.fullmatch(p.name))
 
 
 def _discard_failed_start(wandb: Any, run_dir: Path, run_id: str, keep: set[Path]) -> None:
@@ -287,7 +291,7 @@ def _discard_failed_start(wandb: Any, run_dir: Path, run_id: str, keep: set[Path
 
     wandb.teardown()
     _quiet(wandb)
-    for leftover in _local_run_dirs(run_dir, run_id) - keep:
+    for leftover in set(local_run_dirs(run_dir, run_id)) - keep:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
