@@ -95,6 +95,10 @@ class TrainSection:
     tta_level: int = opt(1, "final evaluation: 0 plain, 1 + mirror, 2 + mirror and one-pixel shifts")
     target_acc: float | None = opt(None, "stop at the first evaluation reaching this accuracy (0..1)")
     eval_every: int = opt(1, "evaluate every N epochs (and after the last)")
+    eval_train_images: int = opt(
+        0, "also evaluate the first N training images, unaugmented, at each evaluation: the train accuracy that "
+        "shows overfitting (0: off)"
+    )  # fmt: skip
     log_every: int = opt(50, "optimizer steps between metrics rows (the only host syncs of the loop)")
     nonfinite: Literal["stop", "skip"] = opt(
         "stop", "on a NaN/Inf loss: stop (exit 3) or skip the step (syncs every step) up to max_skips"
@@ -438,6 +442,7 @@ def validate(cfg: Config) -> None:
     )
     _require(t.nesterov is False or t.optimizer != "adamw", "train.nesterov", "applies to sgd and muon only")
     _require(0 <= t.tta_level <= 2, "train.tta_level", f"is 0, 1 or 2, got {t.tta_level}")
+    _require(t.eval_train_images >= 0, "train.eval_train_images", f"must be >= 0, got {t.eval_train_images}")
     _require(cfg.run.repeats >= 1, "run.repeats", f"must be >= 1, got {cfg.run.repeats}")
     for name, group in cfg.param_groups.items():
         key = f"param_groups.{name}"

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import fasttrain
 from fasttrain import models
 from fasttrain.config import Config, help_text, load_config
-from fasttrain.data.loaders import build_loaders
+from fasttrain.data.loaders import build_loaders, build_train_eval_loader
 from fasttrain.data.prepare import prepare_data
 from fasttrain.errors import EXIT_NONFINITE, EXIT_OK, ConfigError, NonFiniteLoss, run_command, signal_exit_code
 from fasttrain.files import write_json
@@ -159,6 +159,7 @@ class Run:
     progress: checkpoint.Progress
     report: Reporter
     checkpoint_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
+    train_eval_loader: object | None = None  # the first train.eval_train_images training images, unaugmented
 
     @property
     def ckpt_root(self) -> Path:
@@ -250,6 +251,11 @@ def train(cfg: Config, argv: list[str]) -> dict:
         loss_reduction=t.loss_reduction, grad_clip=t.grad_clip, nonfinite=t.nonfinite,
     )  # fmt: skip
     run = Run(cfg, plan, accelerator, run_dir, train_loader, eval_loader, engine, eval_forward, progress, report)
+    if t.eval_train_images:
+        run.train_eval_loader = build_train_eval_loader(
+            train_loader, t.eval_train_images, batch_size=d.eval_batch_size, rank=accelerator.process_index,
+            world_size=plan.world_size, channels_last=plan.channels_last,
+        )  # fmt: skip
     run.checkpoint_step = progress.step if resume_from else None
 
     loader_warmup_s = train_loader.warm_up()
@@ -478,9 +484,11 @@ def end_epoch(run: Run, stats: WindowStats, seconds: float, last_window_first_st
     p.epoch += 1
     p.step_in_epoch = 0
     p.train_time_s += seconds
-    val = None
+    val = train_eval = None
     if p.epoch % cfg.train.eval_every == 0 or p.epoch == cfg.train.epochs:
         val = validate(run, tta_level=0)
+        if run.train_eval_loader is not None:
+            train_eval = evaluate(run.eval_forward, run.train_eval_loader, acc)
         p.last_val = val
         if p.best_val_acc is None or val["acc"] > p.best_val_acc:
             p.best_val_acc = val["acc"]
@@ -495,6 +503,8 @@ def end_epoch(run: Run, stats: WindowStats, seconds: float, last_window_first_st
         "val_count": val["count"] if val else None, "images_per_sec": ips,
         "images_per_sec_per_device": ips / run.plan.world_size, "step_time_ms": 1000 * seconds / max(stats.steps, 1),
     }  # fmt: skip
+    if train_eval is not None:
+        row["train_eval_loss"], row["train_eval_acc"] = train_eval["loss"], train_eval["acc"]
     if acc.device.type == "cuda":
         row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
     run.report.row(row)

@@ -16,7 +16,14 @@ from fasttrain.grid.spec import Cell, grid_names, load_grid
 
 TINY_OVERRIDES = {
     "model": {"widths": [8, 8, 8], "stem_channels": 8},
-    "train": {"epochs": 1, "batch_size": 200, "lr_ref_batch": 200, "lr_peak_epoch": 0.5, "tta_level": 0},
+    "train": {
+        "epochs": 1,
+        "batch_size": 200,
+        "lr_ref_batch": 200,
+        "lr_peak_epoch": 0.5,
+        "tta_level": 0,
+        "eval_train_images": 300,
+    },
     "data": {"eval_batch_size": 500, "workers": 1},
     "checkpoint": {"every": 0},
 }
@@ -68,6 +75,10 @@ def test_tiny_grid_writes_table_figure_and_one_run_per_cell(tmp_path: Path, cifa
         assert int(row["params"]) == summary["params"]
         assert float(row["final_val_acc"]) == pytest.approx(summary["val_acc"], abs=1e-4)
         assert 0 < float(row["final_train_acc"]) < 1
+        epoch_row = [r for r in map(json.loads, (out / cell / "metrics.jsonl").read_text().splitlines())][-1]
+        assert float(row["final_train_eval_acc"]) == pytest.approx(epoch_row["train_eval_acc"], abs=1e-4)
+        gap = epoch_row["train_eval_acc"] - epoch_row["val_acc"]  # the eval-mode accuracy, not the running one
+        assert float(row["train_val_gap"]) == pytest.approx(gap, abs=1e-4)
     # Equal widths: no projection shortcuts, so plain and residual have the same parameters at each depth.
     assert by_cell["plain-7conv-dropout0"]["params"] == by_cell["residual-7conv-dropout0"]["params"]
     assert int(by_cell["plain-13conv-dropout0"]["params"]) > int(by_cell["plain-7conv-dropout0"]["params"])

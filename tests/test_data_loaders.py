@@ -24,6 +24,7 @@ import torch
 from helpers import REPO, pattern_images
 
 from fasttrain.data.augment import FILL_COLOURS, Augmentation, Augmenter, augment
+from fasttrain.data.loaders import build_train_eval_loader
 from fasttrain.data.normalize import denormalize
 from fasttrain.errors import ConfigError, DatasetError
 
@@ -246,6 +247,21 @@ def test_warm_up_leaves_the_epoch_alone(loaders, mode):
     assert threading.active_count() == threads, "warm_up left ffcv's epoch thread running"
     train.epoch = 3
     assert len([labels for _, labels in train]) == len(train) and train.epoch == 4
+
+
+@pytest.mark.parametrize("mode", ["stream", "resident"])
+def test_train_eval_loader_reads_the_first_training_images_unaugmented(loaders, mode):
+    train, _ = loaders(mode, flip=True, translate=2, cutout=8)
+    options = dict(batch_size=8, world_size=2, channels_last=True)
+    halves = [build_train_eval_loader(train, 20, rank=rank, **options) for rank in (0, 1)]
+    for rank, half in enumerate(halves):  # each rank its share, the last batch padded and marked invalid
+        got = eval_batches(half)
+        assert half.batch_size == 8 and [len(g[1]) for g in got] == [8, 8]
+        valid = np.concatenate([g[2] for g in got])
+        np.testing.assert_array_equal(valid, np.arange(16) < 10)
+        np.testing.assert_array_equal(np.concatenate([g[1] for g in got])[valid], np.arange(rank, 20, 2))
+        images = np.concatenate([g[0] for g in got])[valid]
+        np.testing.assert_array_equal(images, pattern_images(np.arange(rank, 20, 2)))
 
 
 def test_sample_images_are_the_first_images_of_the_file_in_both_modes(loaders):

@@ -20,6 +20,7 @@ Training loader, `for images, labels in loader`:
   one batch; the epoch counter is restored) and returns the seconds spent; 0.0 in mode "resident".
 - `sample_images(n) -> Tensor`: the first n training images in file order, unaugmented, normalised float32
   [n,3,32,32] on `device` (format as the batches), the same on every rank: for data-dependent initialisation.
+  `first_samples(n) -> (images, labels)`: the same images as uint8 with their labels, for `build_train_eval_loader`.
 
 Evaluation loader, `for images, labels, valid in loader`: the test split in order, unaugmented, same image format.
 Every batch has `batch_size` = min(eval_batch_size, samples this rank reads) samples, the last one padded, so a
@@ -66,6 +67,8 @@ class TrainLoader(Protocol):
     def warm_up(self) -> float: ...
 
     def sample_images(self, n: int) -> torch.Tensor: ...
+
+    def first_samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class EvalLoader(Protocol):
@@ -132,6 +135,21 @@ def _augmentation(
         cutout=cutout,
         cutout_fill=cutout_fill,
     )
+
+
+def build_train_eval_loader(
+    train: TrainLoader, count: int, *, batch_size: int, rank: int, world_size: int, channels_last: bool
+) -> EvalLoader:
+    """An evaluation loader over the first `count` training images, unaugmented, in either mode: evaluated in eval
+    mode like the test set, their accuracy is the train accuracy that overfitting shows in (the running accuracy of
+    the training steps sees augmented images and dropout). Each rank reads its share; padding is marked invalid."""
+    from fasttrain.data.resident import ResidentEvalLoader
+
+    images, labels = train.first_samples(count)
+    return ResidentEvalLoader(
+        images, labels, batch_size=batch_size, device=images.device, rank=rank, world_size=world_size,
+        channels_last=channels_last,
+    )  # fmt: skip
 
 
 def build_loaders(

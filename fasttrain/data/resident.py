@@ -160,10 +160,14 @@ class ResidentTrainLoader:
         """Nothing to compile: 0.0 seconds."""
         return 0.0
 
+    def first_samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n training samples in file order, unaugmented: uint8 [n,3,H,W] and int64 [n] on the device."""
+        check_sample_count(n, self.dataset_size)
+        return self.augmenter.images(n), self.labels[:n]
+
     def sample_images(self, n: int) -> torch.Tensor:
         """The first n training images in file order, unaugmented and normalised (float32 [n,3,H,W] on the device)."""
-        check_sample_count(n, self.dataset_size)
-        return self._normalize(self.augmenter.images(n))
+        return self._normalize(self.first_samples(n)[0])
 
 
 def check_sample_count(n: int, dataset_size: int) -> None:

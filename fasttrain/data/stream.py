@@ -192,12 +192,16 @@ class StreamTrainLoader(_FfcvLoader):
         self.epoch = epoch
         return time.perf_counter() - start
 
-    def sample_images(self, n: int) -> torch.Tensor:
-        """The first n training images in file order, unaugmented and normalised (float32 [n,3,H,W] on the device):
+    def first_samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n training samples in file order, unaugmented: uint8 [n,3,H,W] and int64 [n] on the device,
         read from the file by every rank alike."""
         check_sample_count(n, self.dataset_size)
-        images, _ = read_beton(self.path, self.workers, limit=n, fields=self.fields)
-        return self._normalize(images.to(self.device))
+        images, labels = read_beton(self.path, self.workers, limit=n, fields=self.fields)
+        return images.to(self.device), labels.to(self.device)
+
+    def sample_images(self, n: int) -> torch.Tensor:
+        """The first n training images in file order, unaugmented and normalised (float32 [n,3,H,W] on the device)."""
+        return self._normalize(self.first_samples(n)[0])
 
 
 class StreamEvalLoader(_FfcvLoader):

@@ -12,8 +12,24 @@ from fasttrain.files import replacing
 
 # (panel title, y label, [(row key, legend label, line style)])
 _PANELS = (
-    ("Accuracy", "accuracy", [("train_acc", "train", "--"), ("val_acc", "validation", "-")]),
-    ("Loss", "loss", [("train_loss", "train", "--"), ("val_loss", "validation", "-")]),
+    (
+        "Accuracy",
+        "accuracy",
+        [
+            ("train_acc", "train (running)", "--"),
+            ("train_eval_acc", "train (eval mode)", "-."),
+            ("val_acc", "validation", "-"),
+        ],
+    ),
+    (
+        "Loss",
+        "loss",
+        [
+            ("train_loss", "train (running)", "--"),
+            ("train_eval_loss", "train (eval mode)", "-."),
+            ("val_loss", "validation", "-"),
+        ],
+    ),
 )
 
 

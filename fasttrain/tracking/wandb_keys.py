@@ -47,6 +47,8 @@ ROW_KEYS: dict[str, dict[str, WandbKey]] = {
         "train_loss": WandbKey("train/epoch_loss", "min", "epoch"),
         "train_loss_smoothed": WandbKey("train/epoch_loss_smoothed", "min", "epoch"),
         "train_acc": WandbKey("train/epoch_acc", "max", "epoch"),
+        "train_eval_loss": WandbKey("train/eval_loss", "min", "epoch"),
+        "train_eval_acc": WandbKey("train/eval_acc", "max", "epoch"),
         "val_loss": WandbKey("val/loss", "min", "epoch"),
         "val_acc": WandbKey("val/acc", "max", "epoch"),
         "val_count": WandbKey("val/count", None, "epoch"),
