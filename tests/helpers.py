@@ -182,6 +182,23 @@ def wandb_offline_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
+def final_weights(run_dir: Path) -> dict:
+    """The tensors of a finished run's model.safetensors, by name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+def assert_same_weights(first_run: Path, second_run: Path) -> None:
+    """The two runs ended with bit-identical weights (torch.equal, tensor by tensor)."""
+    import torch
+
+    first, second = final_weights(first_run), final_weights(second_run)
+    assert first.keys() == second.keys()
+    unequal = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not unequal, f"tensors differ: {unequal}"
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

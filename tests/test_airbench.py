@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     FAST,
+    assert_same_weights,
     checkpoint_steps,
+    final_weights,
     launch,
     read_archive_slice,
     run_train,
@@ -516,12 +518,6 @@ def recipe_run(cifar_slice_dir, tmp_path_factory):
     return tmp / "run"
 
 
-def _weights(run_dir) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run_dir / "model.safetensors"))
-
-
 @pytest.mark.slow
 def test_recipe_learns_on_a_real_slice(recipe_run):
     """Chance is 10% on the balanced 1,000-image test slice; 3 short epochs of the narrowed recipe reach about 40%
@@ -541,9 +537,7 @@ def test_interrupted_mid_epoch_the_recipe_resumes_to_the_same_weights(recipe_run
     assert cut.returncode == 143, cut.stdout[-2000:] + cut.stderr[-2000:]
     assert checkpoint_steps(run_dir)[-1] in (15, 16), checkpoint_steps(run_dir)
     run_train(args, tmp_path)
-    whole, resumed = _weights(recipe_run), _weights(run_dir)
-    assert whole.keys() == resumed.keys()
-    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
+    assert_same_weights(recipe_run, run_dir)
 
 
 @pytest.mark.slow
@@ -583,7 +577,7 @@ def test_repeats_train_consecutive_seeds_and_report_their_spread(cifar_slice_dir
         assert result[key]["std"] == pytest.approx(statistics.stdev(values))
         assert result[key]["median"] == pytest.approx(statistics.median(values))
     assert "repeats: 2 runs, TTA accuracy" in proc.stdout
-    weights = [_weights(root / f"repeat-{i}") for i in range(2)]
+    weights = [final_weights(root / f"repeat-{i}") for i in range(2)]
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "two seeds, two different runs"
 
     assert result["compiled_graphs"] == [0, 0]

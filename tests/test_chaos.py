@@ -12,9 +12,9 @@ import signal
 import time
 
 import pytest
-import torch
 from helpers import (
     FAST,
+    assert_same_weights,
     checkpoint_steps,
     launch,
     read_jsonl,
@@ -25,20 +25,23 @@ from helpers import (
     wandb_offline_runs,
     wandb_records,
 )
-from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
 STEPS, EPOCH = 30, 10  # 3 epochs of 10 steps on the 1,000-image slice; a checkpoint at each epoch's end
 CHAOS = [*FAST, "--train.epochs", "3", "--checkpoint.every", "1", "--model.dropout", "0.1", "--wandb.mode", "offline"]
 KINDS = ("step", "eval", "checkpoint", "metrics", "wandb")
-BLIND_KILL_S = (0.5, 4.0)  # after the planned kills, one by the clock, before the resumed run can finish
+# First a kill by the clock, wherever it finds the training (a step, an evaluation, a checkpoint, a write): at a random
+# moment after the first metrics row, before the uninterrupted run took to reach this step, so the planned kills
+# still find steps to reach.
+BLIND_KILL_BEFORE_STEP = 26
 SAME = ("kind", "epoch", "step", "lr", "train_loss", "train_loss_smoothed", "train_acc", "val_loss", "val_acc")
 
 
-def plan_kills(rng: random.Random) -> list[tuple[str, int]]:
-    """One kill of each kind, in a random order, each at a random step the resumed run still reaches."""
-    kills, resume_step = [], 0
+def plan_kills(rng: random.Random, resume_step: int = 0) -> list[tuple[str, int]]:
+    """One kill of each kind, in a random order, each at a random step the resumed run still reaches (the run starts
+    from the checkpoint of `resume_step`)."""
+    kills = []
     for kind in rng.sample(KINDS, len(KINDS)):
         later = range(resume_step + 1, STEPS + 1)
         choices = {
@@ -67,37 +70,44 @@ def same_rows(rows: list[dict]) -> list[tuple]:
     return [tuple(row.get(key) for key in SAME) for row in rows]
 
 
-def assert_same_weights(a, b) -> None:
-    first, second = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert first.keys() == second.keys()
-    unequal = [k for k in first if not torch.equal(first[k], second[k])]
-    assert not unequal, f"tensors differ: {unequal}"
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(cifar_slice_dir, tmp_path_factory):
+    """The run uninterrupted, and the seconds from its first metrics row to step BLIND_KILL_BEFORE_STEP."""
     tmp = tmp_path_factory.mktemp("whole")
-    run_train([*CHAOS, "--data.dir", str(cifar_slice_dir), "--run.dir", str(tmp / "run")], tmp)
-    return tmp / "run"
+    proc = start_train([*CHAOS, "--data.dir", str(cifar_slice_dir), "--run.dir", str(tmp / "run")], tmp)
+    wait_for_step(tmp / "run", 1, proc)
+    t0 = time.perf_counter()
+    wait_for_step(tmp / "run", BLIND_KILL_BEFORE_STEP, proc)
+    seconds = time.perf_counter() - t0
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return tmp / "run", seconds
 
 
 def test_killed_at_random_moments_the_run_resumes_to_the_same_result(uninterrupted, cifar_slice_dir, tmp_path):
+    uninterrupted, before_s = uninterrupted
     seed = int(os.environ.get("FASTTRAIN_CHAOS_SEED") or random.SystemRandom().randrange(10**6))
     rng = random.Random(seed)
-    kills = plan_kills(rng)
-    delay = rng.uniform(*BLIND_KILL_S)
-    context = f"FASTTRAIN_CHAOS_SEED={seed}, kills (moment, step): {kills}, then a SIGKILL {delay:.2f} s after start"
-    print(context)
+    delay = rng.uniform(0.0, before_s)
+    context = f"FASTTRAIN_CHAOS_SEED={seed}, a SIGKILL {delay:.2f} s after the first metrics row"
+    context += f" (the uninterrupted run went from there to step {BLIND_KILL_BEFORE_STEP} in {before_s:.1f} s)"
+    print(context, flush=True)
     run_dir = tmp_path / "run"
     args = [*CHAOS, "--data.dir", str(cifar_slice_dir), "--run.dir", str(run_dir), "--resume", "auto"]
+    blind = start_train(args, tmp_path)
+    wait_for_step(run_dir, 1, blind)
+    time.sleep(delay)
+    blind.kill()
+    blind.communicate(timeout=60)
+    resume_step = max(checkpoint_steps(run_dir), default=0) if (run_dir / "checkpoints").is_dir() else 0
+    assert resume_step < STEPS, f"{context}: the kill came after the last checkpoint (this run was faster)"
+    kills = plan_kills(rng, resume_step)
+    context += f", checkpoint at step {resume_step}, then kills (moment, step): {kills}"
+    print(context)
     for kind, step in kills:
         fault = f"at={kind},step={step},action=kill"
         proc = run_train(args, tmp_path, check=False, env_extra={"FASTTRAIN_INJECT_FAULT": fault})
         assert proc.returncode == -signal.SIGKILL, f"{context}: {fault} did not kill the run:\n{proc.stdout[-2000:]}"
-    blind = start_train(args, tmp_path)  # wherever the clock finds it: start-up, a step, an evaluation, a write
-    time.sleep(delay)
-    blind.kill()
-    blind.communicate(timeout=60)
     run_train(args, tmp_path)
 
     assert_same_weights(uninterrupted, run_dir)
@@ -115,11 +125,19 @@ def test_killed_at_random_moments_the_run_resumes_to_the_same_result(uninterrupt
         assert summary[key] == whole[key], f"{context}: {key}"
 
 
-def test_plan_covers_every_moment_and_only_reachable_steps():
+@pytest.mark.parametrize("resume_step", [0, 10, 20])
+def test_plan_covers_every_moment_and_only_reachable_steps(resume_step):
     for seed in range(200):
-        kills = plan_kills(random.Random(seed))
+        kills = plan_kills(random.Random(seed), resume_step)
         assert sorted(kind for kind, _ in kills) == sorted(KINDS)
-        assert all(0 <= step <= STEPS for _, step in kills)
+        assert all(resume_step <= step <= STEPS for _, step in kills)
+        reached = resume_step
+        for kind, step in kills:  # each kill lies ahead of the checkpoint the run before it left
+            assert step >= reached if kind == "wandb" else step > reached, (seed, kills)
+            if kind == "wandb":
+                assert step == reached, "W&B starts at the step the run resumes from"
+            else:
+                reached = max([c for c in range(EPOCH, STEPS, EPOCH) if c < step] + [reached])
 
 
 def test_sigterm_to_a_two_process_launch_checkpoints_both_ranks_at_one_step(cifar_slice_dir, tmp_path):
