@@ -53,18 +53,19 @@ class MetricsFile:
     `step > resume_step` (logged after the checkpoint being resumed) are dropped first, so the resumed
     run neither loses nor repeats history. Rows without an integer "step" are kept. `previously_logged` holds the
     (kind, step) of every row the file had before, dropped ones included: what the interrupted run may already
-    have sent elsewhere (W&B).
+    have sent elsewhere (W&B). `kept_rows` holds the rows kept (empty without `resume_step`).
     """
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.previously_logged: set[tuple[Any, Any]] = set()
+        self.kept_rows: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
             rows = read_metrics(self.path)
             self.previously_logged = {(row.get("kind"), row.get("step")) for row in rows}
-            kept = [row for row in rows if not _logged_after(row, resume_step)]
-            _rewrite(self.path, kept)
+            self.kept_rows = [row for row in rows if not _logged_after(row, resume_step)]
+            _rewrite(self.path, self.kept_rows)
             self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run)
         else:
             self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (open for the run)

@@ -17,7 +17,7 @@ from fasttrain.tracking.console import EpochTable
 from fasttrain.tracking.metrics import MetricsFile, read_metrics
 from fasttrain.tracking.plots import plot_curves
 from fasttrain.tracking.wandb_history import holds, recorded_keys
-from fasttrain.tracking.wandb_run import start_wandb
+from fasttrain.tracking.wandb_run import local_run_dirs, start_wandb
 
 TABLE = [("epoch", "d"), ("train_loss", ".4f"), ("train_acc", ".4f"), ("val_loss", ".4f"), ("val_acc", ".4f"),
          ("lr", ".4f"), ("time_s", ".1f"), ("img/s", ".0f")]  # fmt: skip
@@ -46,18 +46,20 @@ class Reporter:
         return (row["kind"], row["step"]) in self.metrics.previously_logged
 
     def _wandb_holds_after_resume(self) -> Callable[[dict[str, Any]], bool]:
-        """Continuing a W&B offline run: send what its earlier offline runs lack of the rows up to the checkpoint
-        now, and later only rows they lack (see wandb_history). Elsewhere, trust metrics.jsonl."""
-        if not self.main or self.wandb is None or self.wandb.mode != "offline" or self.wandb_id is None:
+        """Continuing a W&B run that only ever ran offline: send what its earlier offline runs lack of the rows up
+        to the checkpoint now, and later only rows they lack (see wandb_history). Where some of it went online, the
+        server holds what it holds: trust metrics.jsonl."""
+        w = self.wandb
+        if not self.main or w is None or w.mode != "offline" or w.id is None or local_run_dirs(self.run_dir, w.id):
             return self._sent_before
         try:
             recorded = recorded_keys(self.run_dir, self.wandb_id, current=self.wandb.run_dir_path)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             self.say(f"W&B: could not read what the interrupted run recorded ({type(e).__name__}); not resending")
             return self._sent_before
-        missing = [row for row in read_metrics(self.metrics.path) if not holds(recorded, row)]
-        for row in missing:
-            self.wandb.log_row(row)
+        for row in self.metrics.kept_rows:
+            if not holds(recorded, row):
+                self.wandb.log_row(row)
         return functools.partial(holds, recorded)
 
     @property
