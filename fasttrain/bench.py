@@ -51,8 +51,9 @@ from fasttrain.config import Config, DataSection, build_config
 from fasttrain.data.loaders import MODE_ALIASES
 from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, FasttrainError, run_command
 from fasttrain.files import dumps, read_json
-from fasttrain.loop.optim import build_optimizers, build_schedulers
-from fasttrain.loop.resolve import RunPlan, configure_backends, make_accelerator, resolve, usable_cpus
+from fasttrain.loop.optim import build_schedulers
+from fasttrain.loop.resolve import RunPlan, clamp_workers, configure_backends, make_accelerator, resolve
+from fasttrain.train import build_model, build_run_loaders, build_run_optimizers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,28 +182,11 @@ def config_from_flags(args: argparse.Namespace) -> Config:
     return build_config(None, overrides)
 
 
-@contextmanager
-def accelerate_on_cpu(wanted: bool) -> Iterator[None]:
-    """`accelerate launch --cpu`'s setting (ACCELERATE_USE_CPU) meanwhile, if `wanted`: the Accelerator then runs
-    on the CPU even where CUDA is visible."""
-    saved = os.environ.get("ACCELERATE_USE_CPU")
-    if wanted:
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("ACCELERATE_USE_CPU", None)
-        else:
-            os.environ["ACCELERATE_USE_CPU"] = saved
-
-
 def plan_for(cfg: Config, device_flag: str | None) -> tuple[Accelerator, RunPlan]:
     """The Accelerator and the trainer's RunPlan for `cfg` (precision, compile, fused optimisers, ... decided once,
     by fasttrain.loop.resolve) on the device `--device` names, by default where the trainer would run."""
     wanted = resolve_device(device_flag)
-    with accelerate_on_cpu(wanted.type == "cpu"):
-        accelerator, notes = make_accelerator(cfg)
+    accelerator, notes = make_accelerator(cfg, cpu=wanted.type == "cpu")
     if accelerator.device.type != wanted.type:
         raise BenchError(f"the trainer would run on {accelerator.device}; --device {device_flag} differs")
     plan = resolve(cfg, accelerator, notes)
@@ -214,8 +198,6 @@ def plan_for(cfg: Config, device_flag: str | None) -> tuple[Accelerator, RunPlan
 
 def make_model(cfg: Config, plan: RunPlan) -> tuple[nn.Module, dict[str, Any]]:
     """The configured model as the trainer builds it, on the plan's device in training mode, and its size."""
-    from fasttrain.train import build_model
-
     torch.manual_seed(cfg.run.seed)
     model, info = build_model(cfg, plan)
     return model.to(plan.device).train(), info
@@ -227,12 +209,6 @@ def synthetic_batch(cfg: Config, plan: RunPlan) -> tuple[torch.Tensor, torch.Ten
     labels = torch.randint(0, 10, (plan.batch_size_per_device,), generator=generator)
     fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
     return images.to(plan.device).contiguous(memory_format=fmt), labels.to(plan.device)
-
-
-def make_optimizers(model: nn.Module, cfg: Config, plan: RunPlan) -> list[torch.optim.Optimizer]:
-    return build_optimizers(
-        model, cfg.train, cfg.param_groups, plan.batch_size_global, fused=plan.fused_optimizer, compiled=plan.compile
-    )
 
 
 def bare_step(
@@ -280,7 +256,7 @@ def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def maybe_compile(module: nn.Module, plan: RunPlan) -> Callable:
-    return torch.compile(module, mode=plan.compile_mode) if plan.compile else module
+    return torch.compile(module, mode=plan.compile_mode, dynamic=False) if plan.compile else module
 
 
 def warm_up(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> float:
@@ -334,14 +310,6 @@ def _train_tflops(info: dict[str, Any], images_per_sec: float) -> float:
     return 3 * info["flops_per_image"] * images_per_sec / 1e12
 
 
-def clamp_workers(requested: int) -> int:
-    """`requested` ffcv threads, at most the CPUs this process may use (as the trainer clamps data.workers)."""
-    cpus = usable_cpus()
-    if requested > cpus:
-        log(f"loader: --workers {requested} clamped to {cpus}: this process may use {cpus} CPUs")
-    return min(requested, cpus)
-
-
 # --- sub-commands ---------------------------------------------------------------------------------------------
 
 
@@ -352,7 +320,9 @@ def cmd_loader(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     device = resolve_device(args.device)
     if args.epochs < 2:
         raise BenchError("--epochs must be >= 2: the first epoch is warm-up")
-    workers = clamp_workers(args.workers)
+    workers, clamped = clamp_workers(args.workers, "--workers")
+    if clamped:
+        log(f"loader: {clamped}")
     modes = ["stream", "resident"] if args.mode == "both" else [MODE_ALIASES.get(args.mode, args.mode)]
     per_mode = {}
     for mode in modes:
@@ -398,7 +368,7 @@ def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     _check_warm_up_holds_compilation(args, plan)
     device = torch.device(plan.device)
     model, info = make_model(cfg, plan)
-    (optimizer,) = make_optimizers(model, cfg, plan)
+    (optimizer,) = build_run_optimizers(model, cfg, plan)
     step = bare_step(
         maybe_compile(model, plan), optimizer, repeat_batch(*synthetic_batch(cfg, plan)), plan.mixed_precision,
         cfg.train.label_smoothing,
@@ -438,16 +408,7 @@ def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
 
 def training_loader(cfg: Config, plan: RunPlan):
     """The trainer's training loader for `cfg` and `plan`: its data mode, augmentation and seed."""
-    from fasttrain.data.loaders import build_loaders
-
-    d = cfg.data
-    train, _ = build_loaders(
-        d.dir, mode=plan.data_mode, batch_size=plan.batch_size_per_device, eval_batch_size=d.eval_batch_size,
-        workers=plan.workers, device=plan.device, flip=d.flip, flip_mode=d.flip_mode, translate=d.translate,
-        translate_fill=d.translate_fill, cutout=d.cutout, cutout_fill=d.cutout_fill, seed=cfg.run.seed,
-        channels_last=plan.channels_last,
-    )  # fmt: skip
-    return train
+    return build_run_loaders(cfg, plan, cfg.data.dir)[0]
 
 
 def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
@@ -465,7 +426,7 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     bare_model, info = make_model(cfg, plan)
     loop_model = copy.deepcopy(bare_model)  # the same initial weights in both loops
 
-    optimizers = make_optimizers(loop_model, cfg, plan)
+    optimizers = build_run_optimizers(loop_model, cfg, plan)
     schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)
     prepared_model, *prepared = accelerator.prepare(loop_model, *optimizers, *schedulers)
     engine = StepEngine(
@@ -478,7 +439,7 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     def fasttrain_step() -> None:
         engine.step(*next(loop_batches))
 
-    (bare_optimizer,) = make_optimizers(bare_model, cfg, plan)
+    (bare_optimizer,) = build_run_optimizers(bare_model, cfg, plan)
     (bare_scheduler,) = build_schedulers([bare_optimizer], t, cfg.param_groups, steps_per_epoch)
     loops = {
         "fasttrain": fasttrain_step,

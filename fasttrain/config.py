@@ -472,13 +472,14 @@ def load_config(argv: list[str], default_recipe: str | None = None) -> Config:
     return build_config(config_path or default_recipe, overrides)
 
 
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """`section.key -> value` of a config as a dict of sections."""
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
 def recipe_changes(recipe: str) -> dict[str, Any]:
     """`section.key -> value` of every setting where the shipped `recipe` departs from the defaults."""
-    defaults, changed = _flat(Config().to_dict()), _flat(build_config(recipe).to_dict())
+    defaults, changed = flatten(Config().to_dict()), flatten(build_config(recipe).to_dict())
     return {key: value for key, value in changed.items() if defaults.get(key, "<unset>") != value}
 
 

@@ -337,14 +337,10 @@ def remove_partial(ckpt_root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def flatten(config: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
-
-
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Settings that differ between a checkpoint's run and this one, ignoring those safe to change on resume and
     former names of the same model or data mode."""
-    from fasttrain.config import with_current_names
+    from fasttrain.config import flatten, with_current_names
 
     a, b = flatten(with_current_names(saved)), flatten(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)

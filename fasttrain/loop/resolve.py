@@ -77,13 +77,21 @@ def launched_single_threaded() -> bool:
     return launched and one_per_node and os.environ.get("OMP_NUM_THREADS") == "1" and usable_cpus() > 1
 
 
-def make_accelerator(cfg: Config) -> tuple[Accelerator, list[str]]:
-    """The Accelerator, with precision chosen for the device Accelerate picked (`--cpu` means CPU, so fp32).
-    Returns it with notes about launcher settings fasttrain overrides."""
+def clamp_workers(requested: int, option: str) -> tuple[int, str | None]:
+    """At most the CPUs this process may use of `requested` ffcv threads, and a one-line notice naming `option`
+    when that is fewer."""
+    cpus = usable_cpus()
+    if requested <= cpus:
+        return requested, None
+    return cpus, f"{option} {requested} clamped to {cpus}: this process may use {cpus} CPUs"
+
+
+def make_accelerator(cfg: Config, cpu: bool = False) -> tuple[Accelerator, list[str]]:
+    """The Accelerator, with precision chosen for the device Accelerate picked (`--cpu`, or `cpu`, means CPU, so
+    fp32). Returns it with notes about launcher settings fasttrain overrides."""
     notes = []
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes") or not (
-        torch.cuda.is_available()
-    )
+    launcher_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    use_cpu = cpu or launcher_cpu or not torch.cuda.is_available()
     device = PartialState(cpu=use_cpu).device
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     precision = precision_for(cfg.train.mixed_precision, device, launcher_precision)
@@ -132,10 +140,9 @@ def resolve(cfg: Config, accelerator: Accelerator, notes: list[str] = ()) -> Run
                 raise ConfigError(
                     f"data.{key}: {value} is done by the resident data mode only; add --data.mode resident"
                 )
-    cpus = usable_cpus()
-    workers = min(d.workers, cpus)
-    if workers < d.workers and data_mode == "stream":
-        notes.append(f"data.workers {d.workers} clamped to {workers}: this process may use {cpus} CPUs")
+    workers, clamped = clamp_workers(d.workers, "data.workers")
+    if clamped and data_mode == "stream":
+        notes.append(clamped)
     compile_on = t.compile == "on" or (t.compile == "auto" and on_cuda)
     return RunPlan(
         device=str(device),
