@@ -166,6 +166,25 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
+def build_run_loaders(cfg: Config, plan: RunPlan, data_dir: Path, rank: int = 0) -> tuple:
+    """The (training, evaluation) loaders of `cfg` as `plan` decided them: mode, per-device batch, workers, device,
+    this rank's shard."""
+    d = cfg.data
+    return build_loaders(
+        data_dir, mode=plan.data_mode, batch_size=plan.batch_size_per_device, eval_batch_size=d.eval_batch_size,
+        workers=plan.workers, device=plan.device, flip=d.flip, flip_mode=d.flip_mode, translate=d.translate,
+        translate_fill=d.translate_fill, cutout=d.cutout, cutout_fill=d.cutout_fill, seed=cfg.run.seed,
+        distributed=plan.world_size > 1, rank=rank, world_size=plan.world_size, channels_last=plan.channels_last,
+    )  # fmt: skip
+
+
+def build_run_optimizers(model: torch.nn.Module, cfg: Config, plan: RunPlan) -> list[torch.optim.Optimizer]:
+    """One optimiser per optimiser type of the recipe's parameter groups, fused and compiled as `plan` says."""
+    return build_optimizers(
+        model, cfg.train, cfg.param_groups, cfg.train.batch_size, fused=plan.fused_optimizer, compiled=plan.compile
+    )
+
+
 def train(cfg: Config, argv: list[str]) -> dict:
     """One training run, start to finish; returns its summary (also written to summary.json)."""
     t_start = time.perf_counter()
@@ -177,13 +196,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
 
     data_dir, manifest = prepare_data(cfg.data, accelerator)
     d = cfg.data
-    train_loader, eval_loader = build_loaders(
-        data_dir, mode=plan.data_mode, batch_size=plan.batch_size_per_device, eval_batch_size=d.eval_batch_size,
-        workers=plan.workers, device=accelerator.device, flip=d.flip, flip_mode=d.flip_mode,
-        translate=d.translate, translate_fill=d.translate_fill, cutout=d.cutout, cutout_fill=d.cutout_fill,
-        seed=cfg.run.seed, distributed=plan.world_size > 1, rank=accelerator.process_index,
-        world_size=plan.world_size, channels_last=plan.channels_last,
-    )  # fmt: skip
+    train_loader, eval_loader = build_run_loaders(cfg, plan, data_dir, rank=accelerator.process_index)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -194,9 +207,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     model, model_info = build_model(cfg, plan)
     data_init_s = initialise_from_data(model, train_loader, plan)
     t = cfg.train
-    optimizers = build_optimizers(
-        model, t, cfg.param_groups, t.batch_size, fused=plan.fused_optimizer, compiled=plan.compile
-    )
+    optimizers = build_run_optimizers(model, cfg, plan)
     schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)
     model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
     optimizers, schedulers = prepared[: len(optimizers)], prepared[len(optimizers) :]
@@ -243,9 +254,11 @@ def train(cfg: Config, argv: list[str]) -> dict:
     eval_module = accelerator.unwrap_model(model)
     train_forward, eval_forward = model, eval_module
     if plan.compile:
-        # Under DDP Dynamo splits the graph at gradient buckets, so fullgraph must stay off.
-        train_forward = torch.compile(model, mode=plan.compile_mode)
-        eval_forward = torch.compile(eval_module, mode=plan.compile_mode)
+        # Under DDP Dynamo splits the graph at gradient buckets, so fullgraph must stay off. dynamic=False: the
+        # train and eval forwards share Dynamo's cache, and a second batch size would otherwise turn their graphs
+        # into dynamic-shape ones; every shape the run uses is compiled statically in the warm-up instead.
+        train_forward = torch.compile(model, mode=plan.compile_mode, dynamic=False)
+        eval_forward = torch.compile(eval_module, mode=plan.compile_mode, dynamic=False)
     engine = StepEngine(
         model, optimizers, schedulers, accelerator, forward=train_forward, label_smoothing=t.label_smoothing,
         loss_reduction=t.loss_reduction, grad_clip=t.grad_clip, nonfinite=t.nonfinite,
@@ -302,7 +315,7 @@ def compiled_graphs() -> int:
 
 
 def warm_up_compiled(run: Run) -> float:
-    """Compile every graph the run will use (the train step, evaluation at its one batch shape with its TTA) on
+    """Compile every graph the run will use (the train step, evaluation at its batch shapes with its TTA) on
     synthetic data, then put model, optimisers, schedules, scaler and RNG back: the run is untouched and its timing
     excludes compilation."""
     acc, engine = run.accelerator, run.engine
@@ -323,9 +336,12 @@ def warm_up_compiled(run: Run) -> float:
         engine.step(images(n), torch.randint(0, 10, (n,), device=acc.device))
     engine.take_window()
     engine.model.eval()
+    shapes = {(run.eval_loader.batch_size, level) for level in (0, run.cfg.train.tta_level)}
+    if run.train_eval_loader is not None:  # the training images' evaluation: its own batch size, no TTA
+        shapes.add((run.train_eval_loader.batch_size, 0))
     with torch.no_grad(), acc.autocast():
-        for level in sorted({0, run.cfg.train.tta_level}):
-            tta_logits(run.eval_forward, images(run.eval_loader.batch_size), level)
+        for batch_size, level in sorted(shapes):
+            tta_logits(run.eval_forward, images(batch_size), level)
     synchronize(run.plan)
     model_state, optimizer_states, scheduler_states, scaler_state = saved
     engine.model.load_state_dict(model_state)
@@ -630,8 +646,10 @@ def command(argv: list[str]) -> int:
         print(__doc__.strip() + "\n\n" + help_text())
         return EXIT_OK
     cfg = load_config(argv, default_recipe=None if "--config" in " ".join(argv) else default_recipe())
-    result = train_repeats(cfg, argv) if cfg.run.repeats > 1 else train(cfg, argv)
-    end_process_group()
+    try:
+        result = train_repeats(cfg, argv) if cfg.run.repeats > 1 else train(cfg, argv)
+    finally:
+        end_process_group()
     return result["exit_code"]
 
 

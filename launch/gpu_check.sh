@@ -210,7 +210,8 @@ ours, anchor = (steps.get("airbench") or {}).get("result"), (steps.get("anchor")
 if ours:
     summary["airbench"] = {"runs": ours.get("runs"), "tta_acc_mean": ours["tta_acc"]["mean"],
                            "tta_acc_std": ours["tta_acc"]["std"], "time_s_median": ours["total_time_s"]["median"],
-                           "compile_time_s": ours["compile_time_s"]["values"][:1]}
+                           "compile_time_s": ours["compile_time_s"]["values"][:1],
+                           "compiled_graphs": ours.get("compiled_graphs")}
 if anchor:
     summary["anchor"] = {k: anchor.get(k) for k in ("n", "tta_acc_mean", "tta_acc_std", "time_s_median")}
 target.write_text(json.dumps({"summary": summary, "steps": steps}, indent=1) + "\n")

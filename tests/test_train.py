@@ -232,8 +232,8 @@ def test_target_accuracy_stops_early_and_reports_the_time(tmp_path, data_dir):
 
 
 def test_compile_warm_up_covers_every_graph_the_run_uses(tmp_path, data_dir):
-    """With torch.compile on, warm-up compiles train and eval graphs (both eval batch sizes) before the timed
-    epochs: nothing recompiles afterwards, and the warm-up is reported apart from the training time."""
+    """With torch.compile on, warm-up compiles train and eval graphs (both eval batch sizes, and the training images'
+    evaluation) before the timed epochs: nothing recompiles afterwards, and the warm-up is reported apart."""
     run_dir = tmp_path / "r"
     env = {**env_for_tests(tmp_path), "TORCH_LOGS": "recompiles"}
     proc = subprocess.run(
@@ -247,6 +247,8 @@ def test_compile_warm_up_covers_every_graph_the_run_uses(tmp_path, data_dir):
             "gpu",
             "--data.eval_batch_size",
             "300",
+            "--train.eval_train_images",  # a third batch shape: 100 training images in one batch
+            "100",
             "--data.dir",
             str(data_dir),
             "--run.dir",
@@ -270,6 +272,8 @@ def test_compile_warm_up_covers_every_graph_the_run_uses(tmp_path, data_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["compile"] is True and summary["compile_time_s"] > 0
     assert summary["tta_acc"] is not None and summary["steps"] == 20
+    epochs = [row for row in read_jsonl(run_dir / "metrics.jsonl") if row["kind"] == "epoch"]
+    assert all(0 <= row["train_eval_acc"] <= 1 and row["train_eval_loss"] > 0 for row in epochs)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def compiled_newton_schulz() -> Callable[..., torch.Tensor]:
     """`newton_schulz` through torch.compile, made once per process, so repeated runs reuse its graphs. Uncompiled,
     each filter bank's 3 steps launch dozens of small kernels (about 240 per airbench94 step on a GPU); compiled,
     the elementwise work fuses around the matmuls. Compiled on first use: in a run, its compile warm-up."""
-    return torch.compile(newton_schulz)
+    return torch.compile(newton_schulz, dynamic=False)  # one static graph per filter-bank shape
 
 
 class Muon(torch.optim.Optimizer):
