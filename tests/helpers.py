@@ -140,12 +140,17 @@ def launch(args, cwd: Path, *, processes: int, env_extra=None, timeout=600, back
     return proc, time.perf_counter() - t0
 
 
+def has_logged(run_dir: Path, step: int) -> bool:
+    """Whether metrics.jsonl of `run_dir` has a row at `step` or later (its last line may be half written)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics))
+
+
 def wait_for_step(run_dir: Path, step: int, proc, timeout=300) -> None:
     """Until metrics.jsonl of `run_dir` has a row at `step` or later; fails if `proc` ends first."""
-    metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics)):  # a line may be half written
+        if has_logged(run_dir, step):
             return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early:\n{proc.stdout.read()[-3000:]}")
