@@ -199,8 +199,10 @@ summary = {
     "env": next((s["result"]["env"] for s in steps.values() if isinstance(s["result"], dict) and "env" in s["result"]), None),
 }
 for name in steps:
-    if name.startswith("loader"):
-        summary[name] = pick(name, "images_per_sec", "warmup_s", "setup_s")
+    if name.startswith("loader"):  # `bench loader --mode both`: one entry per data mode
+        modes = ((steps[name].get("result") or {}).get("modes")) or {}
+        summary[name] = {mode: {k: r.get(k) for k in ("images_per_sec", "warmup_s", "setup_s")}
+                         for mode, r in modes.items()} or None
 summary["step"] = pick("step", "images_per_sec", "step_time_ms", "compile_time_s", "train_tflops_est")
 summary["overhead"] = pick("overhead", "fasttrain_images_per_sec", "bare_images_per_sec", "overhead_pct")
 for mode in ("resident", "stream"):
