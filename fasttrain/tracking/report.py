@@ -53,13 +53,13 @@ class Reporter:
         if not self.main or w is None or w.mode != "offline" or w.id is None or local_run_dirs(self.run_dir, w.id):
             return self._sent_before
         try:
-            recorded = recorded_keys(self.run_dir, self.wandb_id, current=self.wandb.run_dir_path)
+            recorded = recorded_keys(self.run_dir, w.id, current=w.run_dir_path)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             self.say(f"W&B: could not read what the interrupted run recorded ({type(e).__name__}); not resending")
             return self._sent_before
         for row in self.metrics.kept_rows:
             if not holds(recorded, row):
-                self.wandb.log_row(row)
+                w.log_row(row)
         return functools.partial(holds, recorded)
 
     @property
