@@ -11,6 +11,7 @@ is warm-up (ffcv's numba JIT; the resident mode's one-time read is `setup_s`), t
 later epochs.
 step: training images/s of a model on a fixed synthetic batch already on the device (forward, the trainer's loss,
 backward, SGD step): warm-up steps apart (they hold torch.compile's compilation), median over repeats.
+`--profile-steps N` (step, overhead) adds a torch.profiler summary of N more steps (fasttrain.profiling).
 overhead: fasttrain's step engine (through Accelerate, as the trainer builds it) against a bare PyTorch loop, both
 fed by the resident loader's augmented batches of DIR, repeats interleaved in one process; overhead is the median
 of the per-repeat relative differences in step time.
@@ -53,6 +54,7 @@ from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, Fasttrai
 from fasttrain.files import dumps, read_json
 from fasttrain.loop.optim import build_schedulers
 from fasttrain.loop.resolve import RunPlan, clamp_workers, configure_backends, make_accelerator, resolve
+from fasttrain.profiling import profile_steps
 from fasttrain.train import build_model, build_run_loaders, build_run_optimizers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,8 +296,8 @@ def _model_settings(args: argparse.Namespace, cfg: Config, plan: RunPlan) -> dic
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    for key in ("steps", "repeats", "warmup_steps", "batch_size"):
-        least = 0 if key == "warmup_steps" else 1
+    for key in ("steps", "repeats", "warmup_steps", "batch_size", "profile_steps"):
+        least = 0 if key in ("warmup_steps", "profile_steps") else 1
         if getattr(args, key) < least:
             raise BenchError(f"--{key.replace('_', '-')} must be >= {least}")
 
@@ -303,6 +305,16 @@ def _check_counts(args: argparse.Namespace) -> None:
 def _check_warm_up_holds_compilation(args: argparse.Namespace, plan: RunPlan) -> None:
     if plan.compile and args.warmup_steps < 1:
         raise BenchError("compiling needs --warmup-steps >= 1, or compilation would be timed as training")
+
+
+def profile_or_reason(step: Callable[[], None], steps: int, device: torch.device) -> dict[str, Any]:
+    """The profile of `steps` more steps; if the profiler itself fails (no CUPTI, say), why, and the timed figures
+    measured before it still stand."""
+    try:
+        return profile_steps(step, steps, device)
+    except Exception as e:  # noqa: BLE001 - the profile is an extra; the measurement must not be lost for it
+        log(f"profile: torch.profiler failed: {e!r}")
+        return {"error": repr(e)[:500]}
 
 
 def _train_tflops(info: dict[str, Any], images_per_sec: float) -> float:
@@ -399,6 +411,8 @@ def cmd_step(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     }
     if device.type == "cuda":
         result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.profile_steps:
+        result["profile"] = profile_or_reason(step, args.profile_steps, device)
     log(
         f"step: {result['images_per_sec']:.0f} images/s, {result['step_time_ms']:.2f} ms/step, "
         f"compile {result['compile_time_s']:.1f} s"
@@ -489,6 +503,8 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         "device-side statistics) on the resident loader's augmented batches",
         "bare_loop": "torch.autocast, loss.backward, optimizer.step, zero_grad, scheduler.step on the same batches",
     }
+    if args.profile_steps:
+        result["profile"] = profile_or_reason(fasttrain_step, args.profile_steps, device)  # the trainer's step
     log(
         f"overhead: fasttrain {result['fasttrain_images_per_sec']:.0f} vs bare {result['bare_images_per_sec']:.0f} "
         f"images/s: {result['overhead_pct']:+.2f}% step time (median of {args.repeats})"
@@ -677,6 +693,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
         p.add_argument("--repeats", type=int, default=5)
         p.add_argument("--warmup-steps", type=int, default=3)
+        p.add_argument(
+            "--profile-steps",
+            type=int,
+            default=0,
+            help="after the timed repeats, profile this many steps (torch.profiler): top kernels, device busy time",
+        )
 
     e2e = sub.add_parser("e2e", help="the trainer end to end; trainer options after --")
     e2e.add_argument("--config", default="resnet9", help="a shipped recipe name or a YAML file")

@@ -90,15 +90,23 @@ def test_step_reports_median_throughput_and_compile_time_apart():
     plan = result["plan"]  # the trainer's RunPlan, which the step ran
     assert (plan["mixed_precision"], plan["compile"], plan["device"]) == ("bf16", False, "cpu")
     assert plan["batch_size_global"] == 32 and plan["fused_optimizer"] is False
+    assert "profile" not in result  # only with --profile-steps
 
 
 def test_overhead_compares_fasttrain_loop_with_bare_loop(data_dir):
-    _, result = bench("overhead", *TINY_MODEL, "--precision", "no", "--data", str(data_dir))
+    _, result = bench("overhead", *TINY_MODEL, "--precision", "no", "--data", str(data_dir), "--profile-steps", "2")
     check_common(result, "overhead")
     assert result["fasttrain_images_per_sec"] > 0 and result["bare_images_per_sec"] > 0
     assert isinstance(result["overhead_pct"], float) and len(result["overhead_pct_repeats"]) == 2
     assert result["accelerator"]["mixed_precision"] == "no" == result["plan"]["mixed_precision"]
     assert result["plan"]["data_mode"] == "resident"
+    profile = result["profile"]  # torch.profiler over 2 more steps of fasttrain's loop, after the timed ones
+    assert profile["steps"] == 2 and profile["wall_ms_per_step"] > 0
+    names = [op["name"] for op in profile["top"]]
+    assert any("conv" in name for name in names) and any("batch_norm" in name for name in names), names
+    times = [op["ms_per_step"] for op in profile["top"]]
+    assert times == sorted(times, reverse=True) and sum(op["share"] for op in profile["top"]) <= 1.0 + 1e-9
+    assert all(op["ms_per_step"] > 0 and op["calls_per_step"] > 0 for op in profile["top"])
 
 
 def test_bad_option_is_a_clear_error_without_json(capfd):
