@@ -10,6 +10,7 @@ import sys
 import pytest
 from helpers import (
     ACCELERATE,
+    REPO,
     TINY,
     TRAIN,
     assert_same_weights,
@@ -135,6 +136,21 @@ def test_wandb_offline_run_recorded_throughput_accuracy_and_the_summary(finished
     # the first run a process starts, which a test process that started W&B before is not).
     console = recorded["console"]
     assert any("val_acc" in line["line"] for line in console), console[-5:]  # the epoch table
+
+
+def test_gpu_check_reads_the_wandb_run_back_with_the_throughput_and_accuracy_series(finished_run):
+    run_dir, _ = finished_run
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "wandb_readback.py"), str(run_dir)], capture_output=True, text=True,
+        check=True, timeout=120,
+    )  # fmt: skip
+    readback = json.loads(proc.stdout)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert readback["logged"]["perf/images_per_sec"] == [[r["step"], r["images_per_sec"]] for r in steps]
+    assert readback["logged"]["val/acc"] == [[r["step"], r["val_acc"]] for r in epochs]
+    assert readback["history_rows"] == len({r["step"] for r in rows})
 
 
 def test_bad_config_is_refused_before_any_work(tmp_path, data_dir):

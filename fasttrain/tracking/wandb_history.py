@@ -1,9 +1,10 @@
-"""What earlier W&B offline runs of a resumed run really recorded.
+"""What W&B offline runs really recorded, read with wandb's own reader.
 
 wandb buffers its offline log (`run-<id>.wandb`) in its service process: a run killed with SIGKILL leaves that file
 with the rows of its last few seconds missing, often all of them. So a resumed run cannot assume that the rows in
 metrics.jsonl reached W&B. It reads the earlier offline runs of its W&B id with wandb's own reader
-(`wandb leet inspect`) and sends again what they lack, and nothing they hold.
+(`wandb leet inspect`) and sends again what they lack, and nothing they hold. `launch/wandb_readback.py` reads a
+finished run's series through the same reader.
 """
 
 from __future__ import annotations
@@ -40,15 +41,25 @@ def holds(recorded: dict[int, set[str]], row: dict[str, Any]) -> bool:
     return values.keys() <= recorded.get(step, set())
 
 
-def _history(log: Path) -> list[tuple[int, set[str]]]:
+def offline_records(log: Path) -> list[dict[str, Any]]:
+    """Every record of one offline run's `run-<id>.wandb` file, in the order written, as wandb's own reader
+    (`wandb leet inspect --json`) gives them: {"type": "history" | "stats" | "summary" | ..., ...}."""
     proc = subprocess.run(
         [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
         capture_output=True, text=True, timeout=READ_TIMEOUT_S, check=True,
     )  # fmt: skip
-    history = []
-    for line in proc.stdout.splitlines():
-        record = json.loads(line) if line.strip() else {}
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def history_rows(records: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """(W&B step, logged values) of each history record, in the order logged."""
+    rows = []
+    for record in records:
         if record.get("type") == "history":
             item = record["history"]
-            history.append((item.get("step", {}).get("num", 0), set(item.get("item", {}))))
-    return history
+            rows.append((item.get("step", {}).get("num", 0), item.get("item", {})))
+    return rows
+
+
+def _history(log: Path) -> list[tuple[int, set[str]]]:
+    return [(step, set(values)) for step, values in history_rows(offline_records(log))]
