@@ -1,81 +1,121 @@
 #!/usr/bin/env bash
-# fasttrain on a lent GPU machine (torch present; no internet, no ffcv or wandb), in stages that each fit one device
-# call (10 minutes) and share the compile caches under GPU_CHECK_WORK while the machine stays warm:
-#   bench    install the wheelhouse, convert CIFAR-10, bench loader (both modes; 8 and 16 workers), step, overhead
-#   resnet9  the resnet9 recipe end to end in both data modes (W&B offline)
-#   airbench the airbench94 recipe for GPU_CHECK_SEEDS seeds (default 10) through `fasttrain train --run.repeats`
-#   anchor   the reference airbench94_muon.py on the same data for the same number of seeds
-#   all      the four in order (a CPU dry run fits; a GPU needs one call per stage)
-# Each stage installs what it needs if the machine is fresh, writes $OUT/results-<stage>.json and prints a JSON
-# summary as its last line. Steps run under `timeout`; steps that no longer fit the budget are skipped and reported.
+# fasttrain on a lent CUDA machine (torch there; no internet, no ffcv, no wandb), measured side by side with the
+# reference airbench94_muon.py, inside the 15 minutes of device time a task has, the machine's start included: one
+# call of under 10 minutes, then at once, while the machine is still warm, a second call that carries on.
+#
+#   bash launch/gpu_check.sh [STEP ...]          (no STEP: all of them, in this order, the most telling first)
+#
+#   resnet9   the resnet9 recipe end to end, data resident on the GPU, W&B offline and read back
+#   airbench  the airbench94 recipe, GPU_CHECK_SEEDS seeds (default 10) in one process (compiled once)
+#   anchor    the reference airbench94_muon.py on the same images, the same number of seeds
+#   stream    the resnet9 recipe end to end on ffcv's streaming loader
+#   step      bench step (resnet9_ffcv, bf16, channels-last, compiled), with a torch.profiler summary
+#   overhead  bench overhead (fasttrain's step through Accelerate against a bare loop), with a profile of ours
+#   loaders   bench loader, both data modes, 8 and 16 workers
+#
+# Before the first step, whatever this machine lacks yet: the wheelhouse (into /tmp/site), the archive converted, and
+# the anchor's .pt files (made beside the conversion: both on the CPU, before anything is timed).
+#
+# Budget: GPU_CHECK_BUDGET_S seconds for this call (default 570; give the run a timeout_s of 600). A step starts only
+# when its expected seconds (ESTIMATE_S below: guesses for a cold H200 until a sitting measures them) fit in what is
+# left, and is stopped when the budget is spent. At the first step that does not fit the call ends, so that the next
+# call, with the device time this one did not spend, starts with it; GPU_CHECK_FILL=1 (for the last call) runs the
+# later steps that still fit instead. A step tried on this machine in an earlier call is not tried again unless
+# named. Every call writes the sitting so far to $OUT: results.json, results.md (launch/gpu_report.py),
+# wandb-resnet9.json and gpu_check.log.
 #
 # Prepare here, once (the device machine receives only the repository, and ignored paths only when carried):
 #   mkdir -p .gpu && cp -r ../shared/wheels/cp312 .gpu/wheels && .venv/bin/pip wheel --no-deps -w .gpu/wheels .
 #   cp ../shared/data/cifar10-jpeg.tar.gz .gpu/ && cp -r ../shared/anchors .gpu/anchors    # .gpu/ is git-ignored
-# Then one device call per stage:
-#   command: bash launch/gpu_check.sh bench .gpu/cifar10-jpeg.tar.gz      (then resnet9, airbench, anchor)
-#   carry:   [".gpu"]                                                      (about 45 MiB of the 64 MiB allowed)
-#   timeout_s: 600
+# Then two device calls, the second as soon as the first returns (<left>: status's budget_left_s less 40 s):
+#   command: bash launch/gpu_check.sh                                       carry: [".gpu"]   timeout_s: 600
+#   command: GPU_CHECK_FILL=1 GPU_CHECK_BUDGET_S=<left> bash launch/gpu_check.sh   (same carry; timeout_s <left>+30)
 #
-# CPU dry run of the same plumbing with tiny settings (no wheel install; this checkout's .venv):
-#   GPU_CHECK_DRY_RUN=1 bash launch/gpu_check.sh all ../shared/data/cifar10-jpeg.tar.gz
+# CPU dry run of the same plumbing with tiny settings (this checkout's .venv; no wheel install; no anchor):
+#   GPU_CHECK_DRY_RUN=1 bash launch/gpu_check.sh
 #
-# Knobs: GPU_CHECK_BUDGET_S (seconds per invocation, default 540), GPU_CHECK_WHEELHOUSE (default .gpu/wheels),
-# GPU_CHECK_ANCHORS (default .gpu/anchors), GPU_CHECK_SEEDS (default 10), GPU_CHECK_PYTHON,
-# GPU_CHECK_WORK (scratch kept between stages, default /tmp/fasttrain-gpu-check), OUT (default $GPU_CHECK_WORK/out).
+# Knobs: GPU_CHECK_ARCHIVE (default .gpu/cifar10-jpeg.tar.gz), GPU_CHECK_WHEELHOUSE (.gpu/wheels), GPU_CHECK_ANCHORS
+# (.gpu/anchors), GPU_CHECK_SEEDS (10), GPU_CHECK_PYTHON, GPU_CHECK_SITE (where wheels go: /tmp/site; GPU_CHECK_SITE=
+# none installs nothing), GPU_CHECK_WORK (scratch kept between calls: /tmp/fasttrain-gpu-check), OUT ($work/out).
 set -uo pipefail  # no -e: a failed step is recorded and the next one runs
 
+ALL_STEPS=(resnet9 airbench anchor stream step overhead loaders)
+declare -A ESTIMATE_S=([resnet9]=110 [airbench]=200 [anchor]=200 [stream]=90 [step]=45 [overhead]=60 [loaders]=70)
+
+steps=("$@")
+retry=1  # steps named: those that failed earlier run again; no names: every step gets one try on this machine
+[ "${#steps[@]}" -gt 0 ] || { steps=("${ALL_STEPS[@]}"); retry=0; }
+for s in "${steps[@]}"; do
+    [ -n "${ESTIMATE_S[$s]:-}" ] || { echo "gpu_check: no step '$s'; the steps are: ${ALL_STEPS[*]}" >&2; exit 2; }
+done
 dry="${GPU_CHECK_DRY_RUN:-0}"
-stage="${1:-all}"
-case "$stage" in bench|resnet9|airbench|anchor|all) ;; *) echo "gpu_check: stage must be bench, resnet9, airbench, anchor or all (got '$stage')" >&2; exit 2 ;; esac
-archive="${2:-.gpu/cifar10-jpeg.tar.gz}"
+fill="${GPU_CHECK_FILL:-0}"
+deferred=""  # the first step of this call that did not fit (GPU_CHECK_FILL=0)
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo" || exit 1
+archive="${GPU_CHECK_ARCHIVE:-.gpu/cifar10-jpeg.tar.gz}"
 work="${GPU_CHECK_WORK:-/tmp/fasttrain-gpu-check}"
 out="${OUT:-$work/out}"
-budget="${GPU_CHECK_BUDGET_S:-540}"
+budget="${GPU_CHECK_BUDGET_S:-570}"
 wheelhouse="${GPU_CHECK_WHEELHOUSE:-.gpu/wheels}"
-anchors="$(cd "${GPU_CHECK_ANCHORS:-.gpu/anchors}" 2>/dev/null && pwd)"
+anchors="${GPU_CHECK_ANCHORS:-.gpu/anchors}"
 seeds="${GPU_CHECK_SEEDS:-10}"
-rm -rf "$work/results"
-mkdir -p "$out" "$work/results" "$work/runs"
-log="$out/gpu_check-$stage.log"
-: >"$log"
-status="$work/results/status.tsv"
-: >"$status"
+results="$work/results"  # kept between calls: <step>.json (its stdout), steps.tsv, calls.tsv
+mkdir -p "$out" "$results" "$work/runs"
+log="$out/gpu_check.log"
+touch "$work/gpu_check.log"
+call=$(($(wc -l <"$results/calls.tsv" 2>/dev/null || echo 0) + 1))
 t0=$SECONDS
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$work/inductor" TRITON_CACHE_DIR="$work/triton" WANDB_SILENT=true
 
-say() { printf '[gpu_check %4ds] %s\n' "$((SECONDS - t0))" "$*" | tee -a "$log" >&2; }
+say() { printf '[gpu_check call %d %4ds] %s\n' "$call" "$((SECONDS - t0))" "$*" | tee -a "$work/gpu_check.log" >&2; }
+left() { echo $((budget - (SECONDS - t0))); }
+done_before() { grep -q "^$1"$'\t'"0"$'\t' "$results/steps.tsv" 2>/dev/null; }
+tried_before() { grep "^$1"$'\t' "$results/steps.tsv" 2>/dev/null | grep -qv $'\tnot_run\t'; }
 
-# run_step NAME LIMIT_S COMMAND...: stdout (the bench's JSON) to results/NAME.json, stderr to the log and the screen.
+# run_step NAME ESTIMATE_S COMMAND...: its stdout (one JSON object) to results/NAME.json, stderr to the log, the
+# command to NAME.cmd; a row "NAME rc seconds estimate call" in steps.tsv. Skipped when it finished in an earlier
+# call (or failed there, unless named), or when it cannot fit in what is left of the budget.
 run_step() {
-    local name="$1" limit="$2" left rc start
+    local name="$1" estimate="$2" rc start
     shift 2
-    left=$((budget - (SECONDS - t0)))
-    if [ "$left" -lt 30 ]; then
-        say "skip $name: ${left}s of the ${budget}s budget left"
-        printf '%s\tskipped\t0\n' "$name" >>"$status"
+    if done_before "$name"; then
+        say "$name: done in an earlier call on this machine"
         return 0
     fi
-    [ "$limit" -le "$left" ] || limit="$left"
-    say "$name (limit ${limit}s): $*"
+    if [ "$retry" = 0 ] && tried_before "$name"; then
+        say "$name: failed in an earlier call on this machine; not tried again (name it to retry)"
+        return 0
+    fi
+    if [ -n "$deferred" ] || [ "$estimate" -gt "$(left)" ]; then
+        # Without GPU_CHECK_FILL the call ends at the first step that does not fit, so the next call (with the
+        # device time this one did not spend) starts with it; with it, later steps that fit still run.
+        [ "$fill" = 1 ] || [ -n "$deferred" ] || deferred="$name"
+        say "not run: $name (needs about ${estimate}s, $(left)s of the ${budget}s budget left${deferred:+; \
+from $deferred on, every step waits}): for the next call"
+        printf '%s\tnot_run\t0\t%s\t%s\n' "$name" "$estimate" "$call" >>"$results/steps.tsv"
+        return 0
+    fi
+    say "$name (about ${estimate}s, stopped after $(left)s): $*"
     start=$SECONDS
-    timeout -k 15 "$limit" "$@" 2> >(tee -a "$log" >&2) >"$work/results/$name.json"
+    printf '%q ' "$@" >"$results/$name.cmd"
+    timeout -k 15 "$(left)" "$@" 2> >(tee -a "$work/gpu_check.log" >&2) >"$results/$name.json"
     rc=$?
-    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && say "$name: timed out after ${limit}s"
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >>"$status"
+    { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && say "$name: stopped: the budget was spent"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$estimate" "$call" >>"$results/steps.tsv"
     say "$name: exit $rc in $((SECONDS - start))s"
 }
 
 if [ "$dry" = 1 ]; then
     py="${GPU_CHECK_PYTHON:-$repo/.venv/bin/python}"
     [ -x "$py" ] || py=python3
+    site="${GPU_CHECK_SITE:-none}"
+    budget="${GPU_CHECK_BUDGET_S:-1800}"
     # Tiny settings: every step's plumbing, none of its cost.
-    loader_common=(--batch-size 64 --epochs 2 --device cpu)
-    workers_a=1 workers_b=2
+    loader=(--batch-size 64 --epochs 2 --device cpu)
+    workers=(1 2)
     model=(--model deepcnn --model-arg widths=8,16 --model-arg blocks=1,1 --batch-size 32 --precision bf16
-           --no-compile --steps 3 --repeats 2 --device cpu)
+           --no-compile --steps 3 --repeats 2 --profile-steps 2 --device cpu)
     e2e_config=deepcnn
     e2e=(--model.widths 8,16 --model.blocks 1,1 --train.epochs 1 --train.batch_size 100 --train.lr_peak_epoch 0.5
          --train.mixed_precision no --train.compile off --data.workers 1)
@@ -86,9 +126,11 @@ if [ "$dry" = 1 ]; then
     target=0.05
 else
     py="${GPU_CHECK_PYTHON:-python3}"
-    loader_common=(--batch-size 512 --epochs 3 --device cuda)
-    workers_a=8 workers_b=16
-    model=(--model resnet9_ffcv --batch-size 512 --precision bf16 --channels-last --compile --steps 50 --repeats 5)
+    site="${GPU_CHECK_SITE:-/tmp/site}"
+    loader=(--batch-size 512 --epochs 3 --device cuda)
+    workers=(8 16)
+    model=(--model resnet9_ffcv --batch-size 512 --precision bf16 --channels-last --compile --steps 50 --repeats 5
+           --profile-steps 10)
     e2e_config=resnet9
     e2e=()
     airbench=()
@@ -96,127 +138,97 @@ else
     target=0.91
 fi
 export PYTHON="$py"
-say "stage $stage, $([ "$dry" = 1 ] && echo 'CPU dry run' || echo GPU), python $py, archive $archive, budget ${budget}s, OUT $out"
-wants() { [ "$stage" = all ] || [ "$stage" = "$1" ]; }
+printf '%s\t%s\t%s\t%s\n' "$call" "$(date -u +%FT%TZ)" "$budget" "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)" \
+    >>"$results/calls.tsv"
+say "$([ "$dry" = 1 ] && echo 'CPU dry run' || echo GPU), steps ${steps[*]}, python $py, budget ${budget}s, OUT $out"
+command -v nvidia-smi >/dev/null &&
+    nvidia-smi --query-gpu=name,uuid,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$work/gpu_check.log" >&2
 
-# --- 1. what this machine is, and the wheelhouse (installed once per machine, kept in /tmp/site) ------------------
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$log" 2>&1
-if [ "$dry" = 1 ]; then
-    say "dry run: wheelhouse not installed ($(ls "$wheelhouse"/*.whl 2>/dev/null | wc -l) wheels in $wheelhouse)"
-elif [ ! -f /tmp/site/.installed ]; then
-    [ -d "$wheelhouse" ] && ls "$wheelhouse"/*.whl >/dev/null 2>&1 \
+# --- what this machine lacks: the wheelhouse, the converted data, the anchor's .pt files --------------------------
+if [ "$site" != none ] && [ ! -f "$site/.installed" ]; then
+    ls "$wheelhouse"/*.whl >/dev/null 2>&1 \
         || { say "ERROR: no wheels in $wheelhouse: copy them (see the top of this script) and carry the folder"; exit 1; }
-    run_step install 180 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "$wheelhouse"/*.whl
-    PYTHONPATH=/tmp/site "$py" -c 'import ffcv, wandb, fasttrain' 2>/dev/null && touch /tmp/site/.installed
+    run_step install 20 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" "$wheelhouse"/*.whl
+    PYTHONPATH="$site" "$py" -c 'import ffcv, wandb, fasttrain' && touch "$site/.installed"
 fi
-[ "$dry" = 1 ] || export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-run_step imports 60 "$py" -c 'import json, torch, ffcv, accelerate, numba, numpy, fasttrain
-try:
-    import wandb; wandb_version = wandb.__version__
-except ImportError as e:
-    wandb_version = f"missing: {e}"
-print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(),
+# The checkout comes first: its fasttrain is the one measured, in this process and in every trainer it starts.
+[ "$site" = none ] || export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
+run_step imports 15 "$py" -c 'import json, torch, ffcv, accelerate, numba, numpy, fasttrain, wandb
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                   "accelerate": accelerate.__version__, "numba": numba.__version__, "numpy": numpy.__version__,
-                  "ffcv": ffcv.__file__, "wandb": wandb_version, "fasttrain": fasttrain.__file__}))'
+                  "wandb": wandb.__version__, "ffcv": ffcv.__file__, "fasttrain": fasttrain.__file__}))'
 
-# --- 2. data (converted once per machine) -------------------------------------------------------------------------
 data="$work/cifar10$([ "$dry" = 1 ] && echo -subset500)"
-[ -f "$archive" ] || say "ERROR: no archive at $archive (copy it into a carried folder: see the top of this script)"
+anchor_dir="$work/anchor"
+wants_anchor=0
+[[ " ${steps[*]} " == *" anchor "* ]] && [ "$dry" != 1 ] && ! done_before anchor && wants_anchor=1
+anchor_prep=""
+if [ "$wants_anchor" = 1 ] && [ ! -f "$anchor_dir/cifar10/test.pt" ]; then
+    mkdir -p "$anchor_dir"
+    say "anchor data: $anchors/prep_cifar_pt_from_archive.py, beside the conversion"
+    "$py" "$anchors/prep_cifar_pt_from_archive.py" "$archive" "$anchor_dir/cifar10" >>"$work/gpu_check.log" 2>&1 &
+    anchor_prep=$!
+fi
 if [ ! -f "$data/manifest.json" ]; then
-    # convert prints progress on stdout: keep it out of the JSON slot.
-    run_step convert 240 bash -c '"$PYTHON" -m fasttrain.data.convert --source "$1" --out "$2" "${@:3}" >&2 && echo "{}"' \
+    [ -f "$archive" ] || { say "ERROR: no archive at $archive (copy it into a carried folder: see the top)"; exit 1; }
+    # convert prints its progress on stdout: keep it out of the JSON slot.
+    run_step convert 30 bash -c '"$PYTHON" -m fasttrain.data.convert --source "$1" --out "$2" "${@:3}" >&2 && echo "{}"' \
         _ "$archive" "$data" "${subset[@]}"
 fi
+[ -z "$anchor_prep" ] || wait "$anchor_prep" || say "anchor data: the .pt files were not made (the log says why)"
 bench=("$py" -m fasttrain.bench)
-wandb_mode=offline
-"$py" -c 'import wandb' 2>/dev/null || { wandb_mode=disabled; say "wandb does not import: runs go without it"; }
 
-# --- 3. stages ----------------------------------------------------------------------------------------------------
-if wants bench; then
-    run_step "loader_w$workers_a" 150 "${bench[@]}" loader --data "$data" --mode both --workers "$workers_a" "${loader_common[@]}"
-    run_step "loader_w$workers_b" 150 "${bench[@]}" loader --data "$data" --mode both --workers "$workers_b" "${loader_common[@]}"
-    run_step step 240 "${bench[@]}" step "${model[@]}"
-    run_step overhead 240 "${bench[@]}" overhead --data "$data" "${model[@]}"
-fi
-if wants resnet9; then
-    for mode in resident stream; do
-        run_step "e2e_$mode" 270 "${bench[@]}" e2e --config "$e2e_config" --target-acc "$target" --launcher accelerate \
-            --run-dir "$work/runs/resnet9-$mode" -- --data.dir "$data" --data.mode "$mode" --wandb.mode "$wandb_mode" \
-            "${e2e[@]}"
-    done
-fi
-if wants airbench; then
-    rm -rf "$work/runs/airbench94"
-    # repeats.json holds each seed's TTA accuracy and airbench's time (whitening init + training + final TTA eval).
-    run_step airbench 500 bash -c '"$PYTHON" -m fasttrain train --config airbench94 --run.repeats "$1" --data.dir "$2" \
-        --run.dir "$3" --wandb.mode "$4" "${@:5}" >&2 && "$PYTHON" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$3/repeats.json"' \
-        _ "$seeds" "$data" "$work/runs/airbench94" "$wandb_mode" "${airbench[@]}"
-fi
-if wants anchor; then
-    if [ "$dry" = 1 ]; then
-        say "dry run: the anchor needs CUDA; skipped"
-    elif [ -z "$anchors" ] || [ ! -f "$anchors/airbench94_muon.py" ]; then
-        say "ERROR: no airbench94_muon.py under ${GPU_CHECK_ANCHORS:-.gpu/anchors}: copy ../shared/anchors and carry it"
-        printf 'anchor\t1\t0\n' >>"$status"
-    else
-        mkdir -p "$work/anchor"
-        [ -f "$work/anchor/cifar10/test.pt" ] || "$py" "$anchors/prep_cifar_pt_from_archive.py" "$archive" "$work/anchor/cifar10" >>"$log" 2>&1
-        sed "s/for run in range(200)/for run in range($seeds)/" "$anchors/airbench94_muon.py" >"$work/anchor/airbench94_muon.py"
-        # Its own table and "Mean: ... Std: ..." go to the log; the JSON slot gets each run's figures.
-        run_step anchor 540 bash -c 'cd "$1" && "$PYTHON" airbench94_muon.py >anchor.txt 2>&1; rc=$?; cat anchor.txt >&2;
-            "$PYTHON" "$2/launch/anchor_table.py" anchor.txt; exit $rc' _ "$work/anchor" "$repo"
-    fi
-fi
-
-# --- 4. results-<stage>.json, and a summary on stdout -----------------------------------------------------------------
-"$py" - "$work/results" "$out/results-$stage.json" "$((SECONDS - t0))" "$dry" <<'EOF'
-import json, sys
-from pathlib import Path
-
-results_dir, target, total_s, dry = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-steps = {}
-for line in (results_dir / "status.tsv").read_text().splitlines():
-    name, rc, seconds = line.split("\t")
-    text = (results_dir / f"{name}.json").read_text().strip() if (results_dir / f"{name}.json").exists() else ""
-    try:
-        result = json.loads(text.splitlines()[-1]) if text else None
-    except json.JSONDecodeError:
-        result = {"unparsed_stdout": text[-2000:]}
-    steps[name] = {"exit_code": None if rc == "skipped" else int(rc), "skipped": rc == "skipped",
-                   "seconds": int(seconds), "result": result}
-
-def pick(name, *keys):
-    result = (steps.get(name) or {}).get("result") or {}
-    return {k: result.get(k) for k in keys} if result else None
-
-summary = {
-    "dry_run": dry, "total_s": total_s,
-    "ok": all(s["exit_code"] == 0 for s in steps.values() if not s["skipped"]),
-    "failed": [n for n, s in steps.items() if not s["skipped"] and s["exit_code"] != 0],
-    "skipped": [n for n, s in steps.items() if s["skipped"]],
-    "env": next((s["result"]["env"] for s in steps.values() if isinstance(s["result"], dict) and "env" in s["result"]), None),
+# --- the steps ----------------------------------------------------------------------------------------------------
+e2e_run() {  # e2e_run STEP MODE
+    run_step "$1" "${ESTIMATE_S[$1]}" "${bench[@]}" e2e --config "$e2e_config" --target-acc "$target" \
+        --launcher accelerate --run-dir "$work/runs/resnet9-$2" -- --data.dir "$data" --data.mode "$2" \
+        --wandb.mode offline "${e2e[@]}"
 }
-for name in steps:
-    if name.startswith("loader"):  # `bench loader --mode both`: one entry per data mode
-        modes = ((steps[name].get("result") or {}).get("modes")) or {}
-        summary[name] = {mode: {k: r.get(k) for k in ("images_per_sec", "warmup_s", "setup_s")}
-                         for mode, r in modes.items()} or None
-summary["step"] = pick("step", "images_per_sec", "step_time_ms", "compile_time_s", "train_tflops_est")
-summary["overhead"] = pick("overhead", "fasttrain_images_per_sec", "bare_images_per_sec", "overhead_pct")
-for mode in ("resident", "stream"):
-    summary[f"e2e_{mode}"] = pick(f"e2e_{mode}", "time_to_target_s", "val_acc", "tta_acc", "images_per_sec",
-                                  "train_time_s", "compile_time_s", "process_wall_s", "epochs")
-ours, anchor = (steps.get("airbench") or {}).get("result"), (steps.get("anchor") or {}).get("result")
-if ours:
-    summary["airbench"] = {"runs": ours.get("runs"), "tta_acc_mean": ours["tta_acc"]["mean"],
-                           "tta_acc_std": ours["tta_acc"]["std"], "time_s_median": ours["total_time_s"]["median"],
-                           "compile_time_s": ours["compile_time_s"]["values"][:1],
-                           "compiled_graphs": ours.get("compiled_graphs")}
-if anchor:
-    summary["anchor"] = {k: anchor.get(k) for k in ("n", "tta_acc_mean", "tta_acc_std", "time_s_median")}
-target.write_text(json.dumps({"summary": summary, "steps": steps}, indent=1) + "\n")
-print(json.dumps(summary))
-sys.exit(0 if summary["ok"] else 1)
-EOF
+step_resnet9() {
+    # W&B samples the GPU (memory, utilisation) every second rather than every 15: a 20-second run gets a series.
+    WANDB__STATS_SAMPLING_INTERVAL=1 e2e_run resnet9 resident
+    if done_before resnet9 && [ ! -s "$results/wandb-resnet9.json" ]; then
+        "$py" launch/wandb_readback.py "$work/runs/resnet9-resident" >"$results/wandb-resnet9.json" 2>>"$work/gpu_check.log" \
+            || say "wandb read-back failed (the log says why)"
+    fi
+}
+step_airbench() {
+    # repeats.json: each seed's TTA accuracy and airbench's time (whitening init + training + final TTA evaluation).
+    # W&B is off: ten W&B starts would cost the budget more than they show.
+    run_step airbench "${ESTIMATE_S[airbench]}" bash -c 'rm -rf "$3" && "$PYTHON" -m fasttrain train --config airbench94 \
+        --run.repeats "$1" --data.dir "$2" --run.dir "$3" --wandb.mode disabled "${@:4}" >&2 \
+        && "$PYTHON" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$3/repeats.json"' \
+        _ "$seeds" "$data" "$work/runs/airbench94" "${airbench[@]}"
+}
+step_anchor() {
+    if [ "$dry" = 1 ]; then
+        say "dry run: the anchor needs CUDA; not run"
+    elif [ ! -f "$anchors/airbench94_muon.py" ] || [ ! -f "$anchor_dir/cifar10/test.pt" ]; then
+        say "ERROR: no $anchors/airbench94_muon.py or its data: copy ../shared/anchors and carry it"
+        printf 'anchor\t1\t0\t%s\t%s\n' "${ESTIMATE_S[anchor]}" "$call" >>"$results/steps.tsv"
+    else
+        sed "s/for run in range(200)/for run in range($seeds)/" "$anchors/airbench94_muon.py" >"$anchor_dir/airbench94_muon.py"
+        # Its table and "Mean: ... Std: ..." go to the log; the JSON slot gets each run's figures (anchor_table.py).
+        run_step anchor "${ESTIMATE_S[anchor]}" bash -c 'cd "$1" && "$PYTHON" airbench94_muon.py >anchor.txt 2>&1; rc=$?;
+            cat anchor.txt >&2; "$PYTHON" "$2/launch/anchor_table.py" anchor.txt; exit $rc' _ "$anchor_dir" "$repo"
+    fi
+}
+step_stream() { e2e_run stream stream; }
+step_step() { run_step step "${ESTIMATE_S[step]}" "${bench[@]}" step "${model[@]}"; }
+step_overhead() { run_step overhead "${ESTIMATE_S[overhead]}" "${bench[@]}" overhead --data "$data" "${model[@]}"; }
+step_loaders() {
+    for w in "${workers[@]}"; do
+        run_step "loader_w$w" $((ESTIMATE_S[loaders] / 2)) "${bench[@]}" loader --data "$data" --mode both \
+            --workers "$w" "${loader[@]}"
+    done
+}
+for s in "${steps[@]}"; do "step_$s"; done
+
+# --- the sitting so far: results.json and results.md under $OUT, and a one-line summary last ----------------------
+cp "$work/gpu_check.log" "$log"
+[ -s "$results/wandb-resnet9.json" ] && cp "$results/wandb-resnet9.json" "$out/"
+"$py" launch/gpu_report.py collect "$results" "$dry" >"$out/results.json" \
+    && "$py" launch/gpu_report.py table "$out/results.json" >"$out/results.md" \
+    && "$py" launch/gpu_report.py summary "$out/results.json"
