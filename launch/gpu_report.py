@@ -208,7 +208,7 @@ def _anchor_row(anchor: dict | None, step: dict | None) -> str:
         return _missing(label, step)
     result = (
         f"{_pct(anchor['tta_acc_mean'])} +- {100 * anchor['tta_acc_std']:.2f} over {anchor['n']} seeds; median "
-        f"{anchor['time_s_median']:.2f} s; compile and warm-up {step['seconds'] if step else '?'} s of the step's wall"
+        f"{anchor['time_s_median']:.2f} s; {step['seconds'] if step else '?'} s in all (compile, warm-up run, runs)"
     )
     return f"| {label} | {result} | the yardstick | - |"
 
