@@ -107,14 +107,34 @@ class StepEngine:
             return False
         if self.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        for optimizer in self.optimizers:
-            optimizer.step()
+        stepped = self._step_optimizers()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        for scheduler in self.schedulers:
-            scheduler.step()
+        if stepped:
+            for scheduler in self.schedulers:
+                scheduler.step()
         self._record(loss.detach(), logits.detach(), labels)
         return True
+
+    def _step_optimizers(self) -> bool:
+        """Every optimiser's step. Returns False when fp16's GradScaler skipped the step (an inf/NaN gradient): the
+        schedules then wait too, so a skipped step does not advance the LR."""
+        scaler = self.accelerator.scaler
+        if scaler is None:
+            for optimizer in self.optimizers:
+                optimizer.step()
+            return True
+        if len(self.optimizers) == 1:
+            self.optimizers[0].step()  # Accelerate's wrapper: scaler.step, then scaler.update
+            return not self.optimizers[0].step_was_skipped
+        # One GradScaler, several optimisers (airbench's Muon + SGD in fp16): Accelerate's wrapper would update the
+        # scale after each optimiser's step, so the next one would be unscaled by a changed scale (or unscaled twice
+        # after clipping). Every optimiser steps through the scaler at one scale; then the scale is updated once.
+        for optimizer in self.optimizers:
+            scaler.step(optimizer.optimizer)
+        scale = scaler.get_scale()  # a host read, as Accelerate's wrapper makes for fp16 at every step
+        scaler.update()
+        return scaler.get_scale() >= scale  # the scale backs off exactly when a step found inf/NaN
 
     def _record(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
