@@ -191,6 +191,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
     accelerator, notes = make_accelerator(cfg)
     plan = resolve(cfg, accelerator, notes)
     configure_backends(plan)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)  # gpu_mem_gb is this run's peak, not a repeat's before
     set_seed(cfg.run.seed)
     run_dir = make_run_dir(cfg, accelerator)
 
