@@ -27,7 +27,8 @@
 # Prepare here, once (the device machine receives only the repository, and ignored paths only when carried):
 #   mkdir -p .gpu && cp -r ../shared/wheels/cp312 .gpu/wheels && .venv/bin/pip wheel --no-deps -w .gpu/wheels .
 #   cp ../shared/data/cifar10-jpeg.tar.gz .gpu/ && cp -r ../shared/anchors .gpu/anchors    # .gpu/ is git-ignored
-# Then two device calls, the second as soon as the first returns (<left>: status's budget_left_s less 40 s):
+# Then two device calls, the second as soon as the first returns, within the 30 s the machine stays warm (<left>: the
+# first reply's lease.budget_left_s less 40 s):
 #   command: bash launch/gpu_check.sh                                       carry: [".gpu"]   timeout_s: 600
 #   command: GPU_CHECK_FILL=1 GPU_CHECK_BUDGET_S=<left> bash launch/gpu_check.sh   (same carry; timeout_s <left>+30)
 #
