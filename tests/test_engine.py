@@ -136,7 +136,7 @@ class TwoProcessAccelerator:
     """What the engine asks of an Accelerator, as rank 0 of 2 would answer (no process group: DDP's averaging is
     left out, so the gradient seen is this rank's own)."""
 
-    num_processes, device = 2, torch.device("cpu")
+    num_processes, device, scaler = 2, torch.device("cpu"), None
 
     def autocast(self):
         return contextlib.nullcontext()
