@@ -164,7 +164,7 @@ def test_a_summed_loss_is_scaled_by_the_process_count_and_reported_unscaled():
     assert reported["sum"].loss_smoothed == pytest.approx(reported["mean"].loss_smoothed, rel=1e-6)
 
 
-def _engine_with_grad_scaler(**scaler_args):
+def _engine_with_grad_scaler(grad_clip=None, **scaler_args):
     """A real Accelerator carrying a real GradScaler (fp16's; torch's CPU one here, as fp16 itself needs CUDA) and two
     optimisers, as airbench94 has: SGD on the weights, SGD on the biases. Plus an unscaled copy of the model."""
     torch.manual_seed(0)
@@ -174,34 +174,36 @@ def _engine_with_grad_scaler(**scaler_args):
     reference = copy.deepcopy(model)
     weights, biases = torch.optim.SGD([model[1].weight], lr=1.0), torch.optim.SGD([model[1].bias], lr=1.0)
     prepared = accelerator.prepare(model, weights, biases)
-    return StepEngine(prepared[0], list(prepared[1:]), [], accelerator), reference
+    return StepEngine(prepared[0], list(prepared[1:]), [], accelerator, grad_clip=grad_clip), reference
 
 
-def _plain_sgd_step(model: nn.Module, images, labels) -> dict:
+def _plain_sgd_step(model: nn.Module, images, labels, grad_clip=None) -> dict:
     nn.functional.cross_entropy(model(images), labels).backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     return {name: (p - p.grad).detach() for name, p in model.named_parameters()}  # lr 1
 
 
-def test_several_optimisers_under_one_grad_scaler_each_step_by_the_true_gradient():
+@pytest.mark.parametrize("grad_clip", [None, 0.05])
+def test_several_optimisers_under_one_grad_scaler_each_step_by_the_true_gradient(grad_clip):
     # growth_interval=1: the scale doubles after every clean step. Stepped one optimiser at a time with an update
     # after each (Accelerate's wrapper), the second would be unscaled by the doubled scale and move half as far.
-    engine, reference = _engine_with_grad_scaler(init_scale=2.0**10, growth_interval=1)
+    engine, reference = _engine_with_grad_scaler(grad_clip, init_scale=2.0**10, growth_interval=1)
     images, labels = batch()
-    expected = _plain_sgd_step(reference, images, labels)
+    expected = _plain_sgd_step(reference, images, labels, grad_clip)
     assert engine.step(images, labels)
     for name, p in engine.model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
     assert engine.accelerator.scaler.get_scale() == 2.0**11  # updated once, not once per optimiser
 
 
-def test_an_overflowing_step_under_the_grad_scaler_moves_no_weight_and_no_schedule():
+def test_an_inf_gradient_of_one_optimiser_under_the_grad_scaler_moves_no_weight_and_no_schedule():
     engine, _ = _engine_with_grad_scaler(init_scale=2.0**10, growth_interval=1)
     optimizer = engine.optimizers[0]
     engine.schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda step: 1.0 / (1 + step))]
+    engine.model[1].weight.register_hook(lambda grad: grad * float("inf"))  # the first optimiser's only
     before = {name: p.detach().clone() for name, p in engine.model.named_parameters()}
-    images, labels = batch()
-    images[0, 0, 0, 0] = float("inf")
-    assert engine.step(images, labels)  # a skip by the scaler is not nonfinite="skip": the step is counted
-    assert all(torch.equal(p, before[name]) for name, p in engine.model.named_parameters())
+    assert engine.step(*batch())  # a skip by the scaler is not nonfinite="skip": the step is counted
+    assert all(torch.equal(p, before[name]) for name, p in engine.model.named_parameters())  # the bias too
     assert engine.accelerator.scaler.get_scale() == 2.0**9  # backed off once
     assert engine.schedulers[0].last_epoch == 0 and engine.lr() == 1.0  # the schedule waited

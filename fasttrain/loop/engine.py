@@ -105,8 +105,6 @@ class StepEngine:
         if saved_buffers is not None and any_rank(self.accelerator, not bool(torch.isfinite(loss))):
             self._drop_step(saved_buffers)
             return False
-        if self.grad_clip is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         stepped = self._step_optimizers()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -117,24 +115,34 @@ class StepEngine:
         return True
 
     def _step_optimizers(self) -> bool:
-        """Every optimiser's step. Returns False when fp16's GradScaler skipped the step (an inf/NaN gradient): the
-        schedules then wait too, so a skipped step does not advance the LR."""
+        """Clip (train.grad_clip), then every optimiser's step. Returns False when fp16's GradScaler skipped the step
+        (an inf/NaN gradient): the schedules then wait too, so a skipped step does not advance the LR."""
         scaler = self.accelerator.scaler
-        if scaler is None:
-            for optimizer in self.optimizers:
-                optimizer.step()
-            return True
-        if len(self.optimizers) == 1:
-            self.optimizers[0].step()  # Accelerate's wrapper: scaler.step, then scaler.update
-            return not self.optimizers[0].step_was_skipped
-        # One GradScaler, several optimisers (airbench's Muon + SGD in fp16): Accelerate's wrapper would update the
-        # scale after each optimiser's step, so the next one would be unscaled by a changed scale (or unscaled twice
-        # after clipping). Every optimiser steps through the scaler at one scale; then the scale is updated once.
+        if scaler is not None and len(self.optimizers) > 1:
+            return self._step_at_one_scale(scaler)
+        if self.grad_clip is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         for optimizer in self.optimizers:
-            scaler.step(optimizer.optimizer)
-        scale = scaler.get_scale()  # a host read, as Accelerate's wrapper makes for fp16 at every step
-        scaler.update()
-        return scaler.get_scale() >= scale  # the scale backs off exactly when a step found inf/NaN
+            optimizer.step()  # under fp16, Accelerate's wrapper: scaler.step, then scaler.update
+        return scaler is None or not self.optimizers[0].step_was_skipped
+
+    def _step_at_one_scale(self, scaler: torch.amp.GradScaler) -> bool:
+        """fp16 with several optimisers (airbench's Muon + SGD). Accelerate's wrapper updates the scale after each
+        optimiser's step, so the next one would be unscaled by a changed scale (twice, after clipping), and each
+        would skip on its own gradients alone. Here every gradient is unscaled at one scale, all optimisers step or
+        none does, and the scale is updated once."""
+        for optimizer in self.optimizers:
+            scaler.unscale_(optimizer.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = bool(torch.isfinite(norm))  # a host read, as Accelerate's wrapper makes for fp16 at every step
+        if finite:
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+            for optimizer in self.optimizers:
+                scaler.step(optimizer.optimizer)
+        scaler.update()  # backs off when an unscale found inf/NaN
+        return finite
 
     def _record(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
