@@ -20,17 +20,21 @@
 # when its expected seconds (ESTIMATE_S below: guesses for a cold H200 until a sitting measures them) fit in what is
 # left, and is stopped when the budget is spent. At the first step that does not fit the call ends, so that the next
 # call, with the device time this one did not spend, starts with it; GPU_CHECK_FILL=1 (for the last call) runs the
-# later steps that still fit instead. A step tried on this machine in an earlier call is not tried again unless
-# named. Every call writes the sitting so far to $OUT: results.json, results.md (launch/gpu_report.py),
-# wandb-resnet9.json and gpu_check.log.
+# later steps that still fit instead. On the same machine a step that finished is never run again, and one that
+# failed or was stopped is tried again only when named (rm -r $GPU_CHECK_WORK/results starts over). After every step
+# the sitting so far is written to $OUT: results.json, results.md (launch/gpu_report.py), wandb-resnet9.json and
+# gpu_check.log.
 #
 # Prepare here, once (the device machine receives only the repository, and ignored paths only when carried):
 #   mkdir -p .gpu && cp -r ../shared/wheels/cp312 .gpu/wheels && .venv/bin/pip wheel --no-deps -w .gpu/wheels .
 #   cp ../shared/data/cifar10-jpeg.tar.gz .gpu/ && cp -r ../shared/anchors .gpu/anchors    # .gpu/ is git-ignored
 # Then two device calls, the second as soon as the first returns, within the 30 s the machine stays warm (<left>: the
-# first reply's lease.budget_left_s less 40 s):
+# first reply's lease.budget_left_s less 60 s):
 #   command: bash launch/gpu_check.sh                                       carry: [".gpu"]   timeout_s: 600
-#   command: GPU_CHECK_FILL=1 GPU_CHECK_BUDGET_S=<left> bash launch/gpu_check.sh   (same carry; timeout_s <left>+30)
+#   command: GPU_CHECK_FILL=1 GPU_CHECK_BUDGET_S=<left> bash launch/gpu_check.sh   (same carry; timeout_s <left>+20)
+# If the first reply's lease says the machine is no longer warm, the second call starts a fresh one (a minute or
+# two, the setup again): name only the steps still missing (`... bash launch/gpu_check.sh anchor stream`), keep both
+# results.json, and merge them: python launch/gpu_report.py table results-1.json results-2.json.
 #
 # CPU dry run of the same plumbing with tiny settings (this checkout's .venv; no wheel install; no anchor):
 #   GPU_CHECK_DRY_RUN=1 bash launch/gpu_check.sh
@@ -65,7 +69,7 @@ results="$work/results"  # kept between calls: <step>.json (its stdout), steps.t
 mkdir -p "$out" "$results" "$work/runs"
 log="$out/gpu_check.log"
 touch "$work/gpu_check.log"
-call=$(($(wc -l <"$results/calls.tsv" 2>/dev/null || echo 0) + 1))
+call=$(($([ -f "$results/calls.tsv" ] && wc -l <"$results/calls.tsv" || echo 0) + 1))
 t0=$SECONDS
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$work/inductor" TRITON_CACHE_DIR="$work/triton" WANDB_SILENT=true
 
@@ -73,6 +77,17 @@ say() { printf '[gpu_check call %d %4ds] %s\n' "$call" "$((SECONDS - t0))" "$*" 
 left() { echo $((budget - (SECONDS - t0))); }
 done_before() { grep -q "^$1"$'\t'"0"$'\t' "$results/steps.tsv" 2>/dev/null; }
 tried_before() { grep "^$1"$'\t' "$results/steps.tsv" 2>/dev/null | grep -qv $'\tnot_run\t'; }
+to_try() { ! done_before "$1" && { [ "$retry" = 1 ] || ! tried_before "$1"; }; }
+
+# write_out: the sitting so far under $OUT (results.json, results.md, the log, the W&B read-back), after every step,
+# so a call stopped from outside still brings back what it measured.
+write_out() {
+    cp "$work/gpu_check.log" "$log"
+    [ -s "$results/wandb-resnet9.json" ] && cp "$results/wandb-resnet9.json" "$out/"
+    "$py" launch/gpu_report.py collect "$results" "$dry" >"$out/results.json.tmp" \
+        && mv "$out/results.json.tmp" "$out/results.json" \
+        && "$py" launch/gpu_report.py table "$out/results.json" >"$out/results.md"
+}
 
 # run_step NAME ESTIMATE_S COMMAND...: its stdout (one JSON object) to results/NAME.json, stderr to the log, the
 # command to NAME.cmd; a row "NAME rc seconds estimate call" in steps.tsv. Skipped when it finished in an earlier
@@ -84,8 +99,8 @@ run_step() {
         say "$name: done in an earlier call on this machine"
         return 0
     fi
-    if [ "$retry" = 0 ] && tried_before "$name"; then
-        say "$name: failed in an earlier call on this machine; not tried again (name it to retry)"
+    if ! to_try "$name"; then
+        say "$name: tried in an earlier call on this machine and did not finish; not tried again (name it to retry)"
         return 0
     fi
     if [ -n "$deferred" ] || [ "$estimate" -gt "$(left)" ]; then
@@ -100,11 +115,13 @@ from $deferred on, every step waits}): for the next call"
     say "$name (about ${estimate}s, stopped after $(left)s): $*"
     start=$SECONDS
     printf '%q ' "$@" >"$results/$name.cmd"
-    timeout -k 15 "$(left)" "$@" 2> >(tee -a "$work/gpu_check.log" >&2) >"$results/$name.json"
+    # Stopped 10 s before the budget ends (killed 5 s later): what it measured is still written out in time.
+    timeout -k 5 $(($(left) - 10)) "$@" 2> >(tee -a "$work/gpu_check.log" >&2) >"$results/$name.json"
     rc=$?
     { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && say "$name: stopped: the budget was spent"
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$estimate" "$call" >>"$results/steps.tsv"
     say "$name: exit $rc in $((SECONDS - start))s"
+    write_out
 }
 
 if [ "$dry" = 1 ]; then
@@ -139,6 +156,8 @@ else
     target=0.91
 fi
 export PYTHON="$py"
+budget="${budget%%.*}"  # the lease reports seconds with a fraction
+[[ "$budget" =~ ^[0-9]+$ ]] || { echo "gpu_check: GPU_CHECK_BUDGET_S must be a number of seconds (got '$budget')" >&2; exit 2; }
 printf '%s\t%s\t%s\t%s\n' "$call" "$(date -u +%FT%TZ)" "$budget" "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)" \
     >>"$results/calls.tsv"
 say "$([ "$dry" = 1 ] && echo 'CPU dry run' || echo GPU), steps ${steps[*]}, python $py, budget ${budget}s, OUT $out"
@@ -164,7 +183,7 @@ print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_
 data="$work/cifar10$([ "$dry" = 1 ] && echo -subset500)"
 anchor_dir="$work/anchor"
 wants_anchor=0
-[[ " ${steps[*]} " == *" anchor "* ]] && [ "$dry" != 1 ] && ! done_before anchor && wants_anchor=1
+[[ " ${steps[*]} " == *" anchor "* ]] && [ "$dry" != 1 ] && to_try anchor && wants_anchor=1
 anchor_prep=""
 if [ "$wants_anchor" = 1 ] && [ ! -f "$anchor_dir/cifar10/test.pt" ]; then
     mkdir -p "$anchor_dir"
@@ -211,9 +230,12 @@ step_anchor() {
         printf 'anchor\t1\t0\t%s\t%s\n' "${ESTIMATE_S[anchor]}" "$call" >>"$results/steps.tsv"
     else
         sed "s/for run in range(200)/for run in range($seeds)/" "$anchors/airbench94_muon.py" >"$anchor_dir/airbench94_muon.py"
-        # Its table and "Mean: ... Std: ..." go to the log; the JSON slot gets each run's figures (anchor_table.py).
-        run_step anchor "${ESTIMATE_S[anchor]}" bash -c 'cd "$1" && "$PYTHON" airbench94_muon.py >anchor.txt 2>&1; rc=$?;
-            cat anchor.txt >&2; "$PYTHON" "$2/launch/anchor_table.py" anchor.txt; exit $rc' _ "$anchor_dir" "$repo"
+        # Its console table goes to the log and anchor.txt; anchor_table.py then reads each finished run from it
+        # (also when the budget stopped it: the seeds it finished still count, and the report says how many).
+        run_step anchor "${ESTIMATE_S[anchor]}" bash -c 'set -o pipefail; cd "$1" && "$PYTHON" airbench94_muon.py 2>&1 | tee anchor.txt >&2' \
+            _ "$anchor_dir"
+        [ -f "$anchor_dir/anchor.txt" ] && "$py" launch/anchor_table.py "$anchor_dir/anchor.txt" >"$results/anchor.json"
+        write_out
     fi
 }
 step_stream() { e2e_run stream stream; }
@@ -228,8 +250,4 @@ step_loaders() {
 for s in "${steps[@]}"; do "step_$s"; done
 
 # --- the sitting so far: results.json and results.md under $OUT, and a one-line summary last ----------------------
-cp "$work/gpu_check.log" "$log"
-[ -s "$results/wandb-resnet9.json" ] && cp "$results/wandb-resnet9.json" "$out/"
-"$py" launch/gpu_report.py collect "$results" "$dry" >"$out/results.json" \
-    && "$py" launch/gpu_report.py table "$out/results.json" >"$out/results.md" \
-    && "$py" launch/gpu_report.py summary "$out/results.json"
+write_out && "$py" launch/gpu_report.py summary "$out/results.json"

@@ -31,7 +31,7 @@ def collect(results_dir: Path, dry_run: bool) -> dict[str, Any]:
     calls = []
     for line in _lines(results_dir / "calls.tsv"):
         n, started, budget, boot_id = (line.split("\t") + [""] * 4)[:4]
-        calls.append({"call": int(n), "started": started, "budget_s": int(budget), "boot_id": boot_id})
+        calls.append({"call": int(n), "started": started, "budget_s": int(float(budget)), "boot_id": boot_id})
     steps: dict[str, dict[str, Any]] = {}
     for line in _lines(results_dir / "steps.tsv"):
         name, rc, seconds, estimate, call = line.split("\t")
@@ -109,8 +109,7 @@ def merged(paths: list[Path]) -> dict[str, Any]:
 
 def table(sitting: dict[str, Any]) -> str:
     steps = sitting["steps"]
-    result = {name: (s["result"] if s["status"] == "ok" else None) for name, s in steps.items()}
-    env = result.get("imports") or {}
+    env = (steps.get("imports") or {}).get("result") or {}
     device = env.get("device", "?")
     started = min((c["started"] for c in sitting["calls"]), default="?")
     lines = [
@@ -122,40 +121,67 @@ def table(sitting: dict[str, Any]) -> str:
         "| what | result | target | verdict |",
         "|---|---|---|---|",
     ]
-    resnet9_rows = (("resnet9", "resnet9 recipe, data resident on the GPU"), ("stream", "resnet9 recipe, ffcv stream"))
-    for name, label in resnet9_rows:
-        lines.append(_resnet9_row(label, result.get(name), steps.get(name), device))
-    lines.append(_airbench_row(result.get("airbench"), result.get("anchor"), steps))
-    lines.append(_anchor_row(result.get("anchor"), steps.get("anchor")))
-    lines.append(_step_row(result.get("step"), steps.get("step")))
-    lines.append(_overhead_row(result.get("overhead"), steps.get("overhead")))
-    for name in sorted(n for n in steps if n.startswith("loader_w")):
-        lines.append(_loader_row(name, result.get(name), steps[name]))
+    anchor = _usable(steps.get("anchor"))
+    rows = [
+        ("resnet9 recipe, data resident on the GPU", "resnet9", lambda r: _resnet9(r, device)),
+        ("resnet9 recipe, ffcv stream", "stream", lambda r: _resnet9(r, device)),
+        ("airbench94 recipe (fasttrain), TTA level 2", "airbench", lambda r: _airbench(r, anchor)),
+        ("reference airbench94_muon.py, same images", "anchor", lambda r: _anchor(r, steps["anchor"])),
+        ("bench step", "step", _step),
+        ("Accelerate + step engine overhead, resident data", "overhead", _overhead),
+    ]
+    rows += [(f"bench loader, {n.removeprefix('loader_w')} workers asked", n, _loader) for n in sorted(steps)
+             if n.startswith("loader_w")]  # fmt: skip
+    lines += [_row(label, steps.get(name), build) for label, name, build in rows]
     lines.append(_wandb_row(sitting.get("wandb_readback")))
     lines += ["", "Commands, as each step ran them:", ""]
     lines += [f"- {name}: `{s['command']}`" for name, s in steps.items() if s.get("command")]
     return "\n".join(lines) + "\n"
 
 
-def _missing(label: str, step: dict | None) -> str:
+class Unreadable(Exception):
+    """A step's result lacks a figure its row needs: the row says so rather than guess."""
+
+
+def _usable(step: dict | None) -> dict | None:
+    """A step's result if it finished, or was stopped at the budget with figures of what it finished."""
+    if step is None or step["status"] not in ("ok", "stopped"):
+        return None
+    result = step["result"]
+    return result if isinstance(result, dict) and "unparsed_stdout" not in result else None
+
+
+def _row(label: str, step: dict | None, build) -> str:
+    """One table row: the builder's (label suffix, result, target, misses or None for no target), or why not."""
+    r = _usable(step)
     if step is None:
-        why = "not run in this sitting"
-    elif step["status"] == "not_run":
-        why = f"not run: the budget ran out (needs about {step['estimate_s']} s)"
-    else:
-        why = f"{step['status']} (exit {step['exit_code']} after {step['seconds']} s; the log says why)"
-    return f"| {label} | {why} | | not measured |"
+        return f"| {label} | not run in this sitting | | not measured |"
+    if step["status"] == "not_run":
+        return f"| {label} | not run: the budget ran out (needs about {step['estimate_s']} s) | | not measured |"
+    if r is None:
+        what = "unreadable output" if step["status"] == "ok" else f"{step['status']} (exit {step['exit_code']})"
+        return f"| {label} | {what} after {step['seconds']} s; the log says why | | not measured |"
+    try:
+        suffix, result, target, misses = build(r)
+    except (Unreadable, KeyError, TypeError, ValueError) as e:
+        return f"| {label} | result unreadable ({type(e).__name__}: {e}); results.json has it | | not measured |"
+    verdict = "-" if misses is None else ("met" if not misses else "MISSED: " + "; ".join(misses))
+    if step["status"] == "stopped":
+        result, verdict = f"stopped at the budget, partial: {result}", f"PARTIAL; {verdict}"
+    return f"| {label}{suffix} | {result} | {target} | {verdict} |"
 
 
-def _verdict(misses: list[str]) -> str:
-    return "met" if not misses else "MISSED: " + "; ".join(misses)
+def _need(r: dict, *keys: str) -> list:
+    """The values of `keys` in `r`; Unreadable if one is missing or null."""
+    missing = [k for k in keys if r.get(k) is None]
+    if missing:
+        raise Unreadable(f"no {', '.join(missing)}")
+    return [r[k] for k in keys]
 
 
-def _resnet9_row(label: str, r: dict | None, step: dict | None, device: str) -> str:
-    if not r:
-        return _missing(label, step)
+def _resnet9(r: dict, device: str) -> tuple:
+    tta, train_s, rate = _need(r, "tta_acc", "train_time_s", "images_per_sec")
     limit_s = RESNET9_TRAIN_S["H100"] if "H100" in device else RESNET9_TRAIN_S["H200"]
-    tta, train_s, rate = r.get("tta_acc") or 0.0, r.get("train_time_s") or 0.0, r.get("images_per_sec") or 0.0
     misses = []
     if tta < RESNET9_TTA:
         misses.append(f"{100 * (RESNET9_TTA - tta):.2f} pp short of {100 * RESNET9_TTA:.1f}%")
@@ -167,104 +193,92 @@ def _resnet9_row(label: str, r: dict | None, step: dict | None, device: str) -> 
     reached = f" (val {_pct(target_acc)} reached at {to_target:.1f} s)" if to_target and target_acc else ""
     result = (
         f"{_pct(tta)} flip-TTA (val {_pct(r.get('val_acc'))}) after {r.get('epochs')} epochs; "
-        f"`train_time_s` {train_s:.1f} s{reached}; "
-        f"compile {r.get('compile_time_s') or 0:.1f} s; {rate:,.0f} images/s; {r.get('process_wall_s', 0):.0f} s wall"
+        f"`train_time_s` {train_s:.1f} s{reached}; compile {_num(r.get('compile_time_s'), '.1f')} s; "
+        f"{rate:,.0f} images/s; {_num(r.get('process_wall_s'))} s wall"
     )
-    target = f">= {100 * RESNET9_TTA:.1f}% flip-TTA, <= {limit_s:.0f} s, >= 100k images/s"
-    return f"| {label} | {result} | {target} | {_verdict(misses)} |"
+    return "", result, f">= {100 * RESNET9_TTA:.1f}% flip-TTA, <= {limit_s:.0f} s, >= 100k images/s", misses
 
 
-def _airbench_row(ours: dict | None, anchor: dict | None, steps: dict) -> str:
-    label = "airbench94 recipe (fasttrain), TTA level 2"
-    if not ours or ours.get("tta_acc", {}).get("mean") is None:
-        return _missing(label, steps.get("airbench"))
-    acc, secs = ours["tta_acc"], ours["total_time_s"]
+def _airbench(r: dict, anchor: dict | None) -> tuple:
+    runs, acc, secs = _need(r, "runs", "tta_acc", "total_time_s")
+    mean, std, median = _need(acc, "mean", "std") + _need(secs, "median")
     misses = []
-    if acc["mean"] < AIRBENCH_TTA:
-        misses.append(f"mean {100 * (AIRBENCH_TTA - acc['mean']):.2f} pp short of {100 * AIRBENCH_TTA:.2f}%")
-    if ours["runs"] < 10:
-        misses.append(f"{ours['runs']} seeds, not 10")
+    if mean < AIRBENCH_TTA:
+        misses.append(f"mean {100 * (AIRBENCH_TTA - mean):.2f} pp short of {100 * AIRBENCH_TTA:.2f}%")
+    if runs < 10:
+        misses.append(f"{runs} seeds, not 10")
     ratio = None
     if anchor and anchor.get("time_s_median"):
-        ratio = secs["median"] / anchor["time_s_median"]
+        ratio = median / anchor["time_s_median"]
         if ratio > AIRBENCH_TIME_RATIO:
             misses.append(f"{ratio:.2f}x the reference's median time ({100 * (ratio - 1):.0f}% slower)")
     else:
         misses.append("no reference time from this sitting to compare with")
-    compile_s = (ours.get("compile_time_s", {}).get("values") or [0])[0]
+    compile_s = ((r.get("compile_time_s") or {}).get("values") or [None])[0]
     result = (
-        f"{_pct(acc['mean'])} +- {100 * acc['std']:.2f} over {ours['runs']} seeds; median {secs['median']:.2f} s "
-        f"(whitening init + training + TTA eval), train {ours['train_time_s']['median']:.2f} s; "
-        f"compile {compile_s:.1f} s once; graphs compiled per run {ours.get('compiled_graphs')}"
+        f"{_pct(mean)} +- {100 * std:.2f} over {runs} seeds; median {median:.2f} s (whitening init + training + "
+        f"TTA eval), train {_num((r.get('train_time_s') or {}).get('median'), '.2f')} s; compile "
+        f"{_num(compile_s, '.1f')} s once; graphs compiled per run {r.get('compiled_graphs')}"
         f"{f'; {ratio:.2f}x the reference' if ratio else ''}"
     )
     target = f"mean >= {100 * AIRBENCH_TTA:.2f}% over 10 seeds, <= {AIRBENCH_TIME_RATIO:.1f}x the reference's median"
-    return f"| {label} | {result} | {target} | {_verdict(misses)} |"
+    return "", result, target, misses
 
 
-def _anchor_row(anchor: dict | None, step: dict | None) -> str:
-    label = "reference airbench94_muon.py, same images"
-    if not anchor or not anchor.get("n"):
-        return _missing(label, step)
+def _anchor(r: dict, step: dict) -> tuple:
+    if not r.get("n"):
+        raise Unreadable("no finished run in its output")
+    mean, std, median = _need(r, "tta_acc_mean", "tta_acc_std", "time_s_median")
     result = (
-        f"{_pct(anchor['tta_acc_mean'])} +- {100 * anchor['tta_acc_std']:.2f} over {anchor['n']} seeds; median "
-        f"{anchor['time_s_median']:.2f} s; {step['seconds'] if step else '?'} s in all (compile, warm-up run, runs)"
+        f"{_pct(mean)} +- {100 * std:.2f} over {r['n']} seeds; median {median:.2f} s; {step['seconds']} s in all "
+        "(compile, warm-up run, runs)"
     )
-    return f"| {label} | {result} | the yardstick | - |"
+    return "", result, "the yardstick", None
 
 
-def _step_row(r: dict | None, step: dict | None) -> str:
-    label = "bench step"
-    if not r:
-        return _missing(label, step)
+def _step(r: dict) -> tuple:
     m = r["settings"]
-    label += (
+    suffix = (
         f": {m['model']}, batch {m['batch_size']}, {m['precision']}{', channels-last' if m['channels_last'] else ''}"
-        f"{', compiled (' + m['compile_mode'] + ')' if m['compile'] else ''}"
+        f"{', compiled (' + str(m['compile_mode']) + ')' if m['compile'] else ''}"
     )
+    rate, step_ms = _need(r, "images_per_sec", "step_time_ms")
     profile = r.get("profile") or {}
     top = (profile.get("top") or [{}])[0]
     busy = profile.get("device_busy_fraction")
     result = (
-        f"{r['images_per_sec']:,.0f} images/s, {r['step_time_ms']:.2f} ms a step, about "
-        f"{r.get('train_tflops_est', 0):.0f} TFLOP/s; compile {r.get('compile_time_s', 0):.1f} s"
+        f"{rate:,.0f} images/s, {step_ms:.2f} ms a step, about {_num(r.get('train_tflops_est'))} TFLOP/s; "
+        f"compile {_num(r.get('compile_time_s'), '.1f')} s"
         + (f"; GPU busy {100 * busy:.0f}% of the step, {profile.get('kernels_per_step', 0):.0f} kernels a step, "
            f"top kernel {top.get('name', '?')[:60]} ({100 * top.get('share', 0):.0f}%)" if busy is not None else "")
     )  # fmt: skip
-    return f"| {label} | {result} | the model's ceiling for the loop | - |"
+    return suffix, result, "the model's ceiling for the loop", None
 
 
-def _overhead_row(r: dict | None, step: dict | None) -> str:
-    label = "Accelerate + step engine overhead, resident data"
-    if not r:
-        return _missing(label, step)
-    pct = r["overhead_pct"]
-    result = (
-        f"{pct:+.2f}% step time (median of {len(r['overhead_pct_repeats'])}: "
-        f"{min(r['overhead_pct_repeats']):+.1f}% to {max(r['overhead_pct_repeats']):+.1f}%); fasttrain "
-        f"{r['fasttrain_images_per_sec']:,.0f} vs bare {r['bare_images_per_sec']:,.0f} images/s"
+def _overhead(r: dict) -> tuple:
+    pct, repeats, ours, bare = _need(
+        r, "overhead_pct", "overhead_pct_repeats", "fasttrain_images_per_sec", "bare_images_per_sec"
     )
-    misses = [f"{pct - OVERHEAD_PCT:.2f} pp over"] if pct > OVERHEAD_PCT else []
-    return f"| {label} | {result} | <= {OVERHEAD_PCT:.0f}% | {_verdict(misses)} |"
+    result = (
+        f"{pct:+.2f}% step time (median of {len(repeats)}: {min(repeats):+.1f}% to {max(repeats):+.1f}%); "
+        f"fasttrain {ours:,.0f} vs bare {bare:,.0f} images/s"
+    )
+    return "", result, f"<= {OVERHEAD_PCT:.0f}%", [f"{pct - OVERHEAD_PCT:.2f} pp over"] if pct > OVERHEAD_PCT else []
 
 
-def _loader_row(name: str, r: dict | None, step: dict) -> str:
-    label = f"bench loader, {name.removeprefix('loader_w')} workers asked"
-    if not r:
-        return _missing(label, step)
-    workers = r.get("settings", {}).get("workers")
-    modes = r.get("modes", {})
+def _loader(r: dict) -> tuple:
+    (modes,) = _need(r, "modes")
     result = "; ".join(
         f"{mode} {m['images_per_sec']:,.0f} images/s (warm-up {m['warmup_s']:.1f} s, set-up {m['setup_s']:.1f} s)"
         for mode, m in modes.items()
     )
-    return f"| {label} | {workers} workers: {result} | reported | - |"
+    return "", f"{(r.get('settings') or {}).get('workers', '?')} workers: {result}", "reported", None
 
 
 def _wandb_row(readback: dict | None) -> str:
     label = "W&B offline run of the resnet9 run, read back"
     if not readback or "logged" not in readback:
-        return f"| {label} | {'not read: ' + json.dumps(readback)[:200] if readback else 'not read'} | | - |"
+        return f"| {label} | {'not read: ' + json.dumps(readback)[:200] if readback else 'not read'} | | not measured |"
     logged, system = readback["logged"], readback["system"]
     memory = logged.get("sys/gpu_mem_gb", {})
     rate = logged.get("perf/images_per_sec", {})
@@ -274,7 +288,8 @@ def _wandb_row(readback: dict | None) -> str:
         f"({_num(rate.get('min'))} to {_num(rate.get('max'))}), `sys/gpu_mem_gb` {memory.get('points', 0)} points "
         f"(peak {_num(memory.get('max'), '.2f')} GB); W&B's own GPU samples: {gpu_keys}"
     )
-    return f"| {label} | {result} | GPU memory and throughput series | {'met' if memory.get('points') else 'MISSED'} |"
+    verdict = "met" if memory.get("points") and rate.get("points") else "MISSED"
+    return f"| {label} | {result} | GPU memory and throughput series | {verdict} |"
 
 
 def _pct(value: float | None) -> str:

@@ -112,7 +112,7 @@ def test_gpu_report_gathers_two_calls_and_says_which_targets_are_missed_and_by_h
     assert "90.81% +- 0.21 over 10 seeds" in airbench and "1.10x the reference" in airbench
     assert "MISSED: 1.10x the reference's median time (10% slower)" in airbench
     assert "not run: the budget ran out" in rows["resnet9 recipe, ffcv stream"]
-    assert "failed (exit 1 after 12 s" in rows["bench step"]
+    assert "failed (exit 1) after 12 s" in rows["bench step"]
 
     summary = _report("summary", str(tmp_path / "results.json"))
     assert summary.returncode == 1  # a step failed
@@ -127,3 +127,28 @@ def test_gpu_report_says_when_the_calls_ran_on_different_machines_and_when_all_t
     table = _report("table", str(tmp_path / "results.json")).stdout
     assert "MORE THAN ONE machine" in table
     assert next(line for line in table.splitlines() if line.startswith("| resnet9 recipe, data")).endswith("| met |")
+
+
+def test_gpu_report_never_calls_a_target_met_on_a_missing_figure_and_marks_a_stopped_step_partial(tmp_path):
+    results = tmp_path / "results"
+    _sitting(
+        results,
+        [("resnet9", 0, 95, 110, 1), ("stream", 0, 80, 90, 1), ("anchor", 124, 200, 200, 1),
+         ("overhead", 0, 50, 60, 1)],
+        {"resnet9": {**RESNET9, "train_time_s": None}, "anchor": {**ANCHOR, "n": 4},
+         "overhead": {"overhead_pct": 1.2, "overhead_pct_repeats": [0.5, 1.2, 2.0],
+                      "fasttrain_images_per_sec": 99_000.0, "bare_images_per_sec": 100_200.0}},
+    )  # fmt: skip
+    (results / "stream.json").write_text("Traceback (most recent call last):\n  ...\n")  # exit 0, no JSON
+    (results / "calls.tsv").write_text("1\t2026-12-01T10:00:00Z\t497.5\tmachine-a\n")  # the lease's fraction
+    (tmp_path / "results.json").write_text(_report("collect", str(results)).stdout)
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in _report("table", str(tmp_path / "results.json")).stdout.splitlines()
+    }
+    resnet9 = rows["resnet9 recipe, data resident on the GPU"]
+    assert "result unreadable (Unreadable: no train_time_s)" in resnet9 and resnet9.endswith("| not measured |")
+    assert "unreadable output after 80 s" in rows["resnet9 recipe, ffcv stream"]
+    anchor = rows["reference airbench94_muon.py, same images"]
+    assert "stopped at the budget, partial: 90.75% +- 0.20 over 4 seeds" in anchor and "| PARTIAL; -" in anchor
+    assert rows["Accelerate + step engine overhead, resident data"].endswith("| <= 3% | met |")
