@@ -1,9 +1,11 @@
 """Where a training step's time goes: torch.profiler over a few steps, summarised as one JSON-ready dict.
 
-On CUDA it sums the kernels' own time (what the GPU did) against the wall time of the profiled steps: a step whose
-device is busy far less than its wall time is bound by the host (Python, launches, syncs), not by the kernels, and
-the top kernels say which work dominates. On a CPU it lists the operators by their own CPU time. Used by
-`fasttrain bench step|overhead --profile-steps N`, after the timed repeats, so the profiler's cost is never timed.
+On CUDA it sums the device's own activity (kernels, copies and memsets: what the GPU did) against the wall time of
+the profiled steps: a step whose device is busy far less than its wall time is bound by the host (Python, launches,
+syncs), not by the kernels, and the top kernels say which work dominates. Work on overlapping streams would be
+counted twice (a busy share above 1); a training step's work is on one stream, the stream loader's copies aside.
+On a CPU it lists the operators by their own CPU time. Used by `fasttrain bench step|overhead --profile-steps N`,
+after the timed repeats, so the profiler's cost is never timed.
 """
 
 from __future__ import annotations
