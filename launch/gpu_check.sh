@@ -112,7 +112,7 @@ from $deferred on, every step waits}): for the next call"
         printf '%s\tnot_run\t0\t%s\t%s\n' "$name" "$estimate" "$call" >>"$results/steps.tsv"
         return 0
     fi
-    say "$name (about ${estimate}s, stopped after $(left)s): $*"
+    say "$name (about ${estimate}s, stopped after $(($(left) - 10))s): $*"
     start=$SECONDS
     printf '%q ' "$@" >"$results/$name.cmd"
     # Stopped 10 s before the budget ends (killed 5 s later): what it measured is still written out in time.
