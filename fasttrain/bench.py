@@ -54,7 +54,7 @@ from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, Fasttrai
 from fasttrain.files import dumps, read_json
 from fasttrain.loop.optim import build_schedulers
 from fasttrain.loop.resolve import RunPlan, clamp_workers, configure_backends, make_accelerator, resolve
-from fasttrain.profiling import profile_steps
+from fasttrain.profiling import profile_steps, synchronize
 from fasttrain.train import build_model, build_run_loaders, build_run_optimizers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,11 +120,6 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is visible here; use --device cpu")
     return device
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:

@@ -26,12 +26,12 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device) ->
     step, and the top kernels (CUDA) or operators (CPU) by their own time per step."""
     on_cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
-    _sync(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        _sync(device)
+        synchronize(device)
         wall_s = time.perf_counter() - t0
     summary: dict[str, Any] = {"steps": steps, "wall_ms_per_step": 1000 * wall_s / steps}
     if on_cuda:
@@ -65,6 +65,7 @@ def _entry(name: str, own_us: float, calls: int, steps: int, total_us: float) ->
     }
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on a CPU); bench's timers use it too."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

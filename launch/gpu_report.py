@@ -47,10 +47,15 @@ def collect(results_dir: Path, dry_run: bool) -> dict[str, Any]:
     return {
         "dry_run": dry_run,
         "calls": calls,
-        "one_machine": len({c["boot_id"] for c in calls}) <= 1,
+        "one_machine": _one_machine(calls),
         "steps": steps,
         "wandb_readback": _wandb_digest(_last_json(readback)) if readback.exists() else None,
     }
+
+
+def _one_machine(calls: list[dict[str, Any]]) -> bool:
+    """Whether every call ran on one machine (one boot id): the figures are of one sitting."""
+    return len({c["boot_id"] for c in calls}) <= 1
 
 
 def _lines(path: Path) -> list[str]:
@@ -103,7 +108,7 @@ def merged(paths: list[Path]) -> dict[str, Any]:
         sitting["steps"] |= {k: v for k, v in one["steps"].items() if v["status"] == "ok" or k not in sitting["steps"]}
         sitting["wandb_readback"] = one.get("wandb_readback") or sitting["wandb_readback"]
         sitting["dry_run"] = one.get("dry_run", False)
-    sitting["one_machine"] = len({c["boot_id"] for c in sitting["calls"]}) <= 1
+    sitting["one_machine"] = _one_machine(sitting["calls"])
     return sitting
 
 

@@ -23,8 +23,9 @@ def read_back(run_dir: Path) -> dict:
         raise SystemExit(f"wandb_readback: no W&B offline run under {run_dir}/wandb (was the run made with W&B off?)")
     log = next(offline[-1].glob("run-*.wandb"))
     records = offline_records(log)
+    history = history_rows(records)
     logged: dict[str, list] = {key: [] for key in LOGGED}
-    for step, values in history_rows(records):
+    for step, values in history:
         for key in LOGGED:
             if key in values:
                 logged[key].append([step, values[key]])
@@ -36,7 +37,7 @@ def read_back(run_dir: Path) -> dict:
                 if key.startswith(SYSTEM_PREFIXES):
                     system.setdefault(key, []).append([stats.get("timestamp"), value])
     return {
-        "wandb_file": str(log), "records": len(records), "history_rows": len(history_rows(records)),
+        "wandb_file": str(log), "records": len(records), "history_rows": len(history),
         "stats_samples": sum(r.get("type") == "stats" for r in records), "logged": logged, "system": system,
     }  # fmt: skip
 
