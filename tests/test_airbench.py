@@ -233,6 +233,25 @@ def test_a_compiling_run_gives_muon_the_compiled_iteration_and_the_same_steps(mo
         torch.testing.assert_close(p, _conv_filters(models[False])[name], rtol=0, atol=0)
 
 
+def test_compiled_muon_keeps_a_graph_for_every_filter_shape_past_dynamos_default_limit(monkeypatch) -> None:
+    """A ResNet-18 has 11 filter-bank shapes, more than Dynamo's default recompile limit (8): every one gets its own
+    compiled graph (none falls back to eager), and the limit outside Muon's step is left as it was."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(newton_schulz, backend=counter, dynamic=False)  # as compiled_newton_schulz, eager
+    monkeypatch.setattr(muon_module, "compiled_newton_schulz", lambda: compiled)
+    filters = [torch.nn.Parameter(torch.randn(8 + i, 4, 3, 3)) for i in range(11)]
+    for p in filters:
+        p.grad = torch.randn_like(p)
+    limit_before = dynamo_config.recompile_limit
+    Muon(filters, lr=0.1, compile_newton_schulz=True).step()
+    assert counter.frame_count == len(filters) > limit_before
+    assert dynamo_config.recompile_limit == limit_before
+
+
 class _FailOnHostRead(TorchDispatchMode):
     """Raises on any op that copies a tensor's value to the host (.item(), bool(t), float(t), `if t:`)."""
 

@@ -5,6 +5,7 @@ orthogonal matrix of the same shape (singular values pushed towards 1), so every
 similar step size whatever the gradient's scale or conditioning.
 """
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
 
@@ -38,12 +39,25 @@ def newton_schulz(G: torch.Tensor, steps: int = 3) -> torch.Tensor:
     return X.T if tall else X
 
 
+# Graphs Dynamo may keep for `newton_schulz` (one per filter-bank shape) while Muon steps. Its default limit (8)
+# is below a ResNet-18's 11 shapes, and past it the remaining shapes would quietly run uncompiled.
+NS_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def compiled_newton_schulz() -> Callable[..., torch.Tensor]:
     """`newton_schulz` through torch.compile, made once per process, so repeated runs reuse its graphs. Uncompiled,
     each filter bank's 3 steps launch dozens of small kernels (about 240 per airbench94 step on a GPU); compiled,
     the elementwise work fuses around the matmuls. Compiled on first use: in a run, its compile warm-up."""
     return torch.compile(newton_schulz, dynamic=False)  # one static graph per filter-bank shape
+
+
+def newton_schulz_compile_headroom() -> contextlib.AbstractContextManager:
+    """Lets Dynamo keep a graph for every filter-bank shape (up to NS_RECOMPILE_LIMIT) inside the block, without
+    changing the limit for anything compiled outside it. Dynamo reads the limit only when it compiles."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(recompile_limit=max(NS_RECOMPILE_LIMIT, dynamo_config.recompile_limit))
 
 
 class Muon(torch.optim.Optimizer):
@@ -88,6 +102,7 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
         super().__init__(params, defaults)
         self.orthogonalise = compiled_newton_schulz() if compile_newton_schulz else newton_schulz
+        self.compile_headroom = newton_schulz_compile_headroom if compile_newton_schulz else contextlib.nullcontext
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -102,10 +117,11 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+        with self.compile_headroom():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._update(p, group)
         return loss
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
