@@ -625,3 +625,67 @@ def test_two_ranks_cover_every_sample_exactly_once(data_dir, tmp_path):
             counted += [label for label, ok in zip(labels, valid) if ok]
         assert sorted(counted) == list(range(N_TEST)), f"{mode}: each test image must count exactly once"
     assert [r["stream"]["train"] for r in ranks] == [r["resident"]["train"] for r in ranks], "modes shard differently"
+
+
+# ---- numba's compiles kept between processes ----
+
+_ONE_STREAM_EPOCH = """
+import json, sys
+import numpy as np
+from fasttrain.data.loaders import build_loaders
+from fasttrain.data.normalize import denormalize
+from numba.typed import typeddict
+
+train, _ = build_loaders(sys.argv[1], mode="stream", batch_size=32, eval_batch_size=8, workers=1, device="cpu",
+                         translate=int(sys.argv[3]), cutout=0)
+batches = [(denormalize(x).permute(0, 2, 3, 1).numpy(), y.numpy()) for x, y in train]
+np.savez(sys.argv[2], images=np.concatenate([b[0] for b in batches]), labels=np.concatenate([b[1] for b in batches]))
+hits = {name: sum(getattr(typeddict, name).stats.cache_hits.values()) for name in ("_make_dict", "_setitem")}
+print(json.dumps(hits))
+"""
+
+
+@pytest.mark.slow
+def test_a_later_process_loads_ffcvs_compiled_pipeline_from_numbas_cache(data_dir, tmp_path):
+    """What ffcv's import and a stream loader compile is kept on disk (NUMBA_CACHE_DIR here): a second process reuses
+    the typed Dict and the flip unchanged, compiles a translate of other settings anew and shifts by those settings;
+    a damaged cache only costs the compile, and is written afresh."""
+    cache = tmp_path / "numba-cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(cache)}
+
+    def one_epoch(translate: int) -> tuple[dict[str, int], list[tuple[bool, int, int]]]:
+        out = tmp_path / "epoch.npz"
+        proc = subprocess.run(
+            [sys.executable, "-c", _ONE_STREAM_EPOCH, str(data_dir), str(out), str(translate)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        epoch = np.load(out)
+        assert sorted(epoch["labels"].tolist()) == list(range(N_TRAIN)), "one epoch: every image once"
+        shifts = [geometry(image, int(label)) for image, label in zip(epoch["images"], epoch["labels"])]
+        return json.loads(proc.stdout.strip().splitlines()[-1]), shifts
+
+    def entries(kind: str) -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in cache.rglob(f"*.{kind}")}
+
+    def largest_shift(shifts) -> int:
+        return max(max(abs(dy), abs(dx)) for _, dy, dx in shifts)
+
+    _, shifts = one_epoch(translate=2)
+    first = entries("nbc")
+    for function in ("_make_dict", "_setitem", "RandomHorizontalFlip", "RandomTranslate"):
+        assert any(function in name for name in first), (function, sorted(first))
+    assert largest_shift(shifts) <= 2
+
+    hits, shifts = one_epoch(translate=4)
+    second = entries("nbc")
+    assert hits["_make_dict"] >= 1 and hits["_setitem"] >= 1, hits
+    assert {n: t for n, t in second.items() if n in first} == first, "a cached function was compiled again"
+    assert [n for n in second if n not in first and "RandomTranslate" in n], "translate 4 reused translate 2's code"
+    assert 2 < largest_shift(shifts) <= 4
+
+    for path in cache.rglob("*.nb?"):
+        path.write_bytes(b"not numba's")
+    _, shifts = one_epoch(translate=2)
+    assert largest_shift(shifts) <= 2
+    assert all(path.read_bytes() != b"not numba's" for path in cache.rglob("*.nbi")), "the damaged index stays"

@@ -1,14 +1,23 @@
-"""The one place fasttrain imports ffcv, and a guard for the torch thread count ffcv changes behind our back.
+"""The one place fasttrain imports ffcv, with two fixes for what ffcv does to every process that imports it.
 
-ffcv 1.0.2 calls `torch.set_num_threads(1)` when imported, and `torch.set_num_threads(num_workers)` whenever a
-Loader is built or iterated (ffcv.pipeline.compiler.Compiler.set_num_threads). The trainer's own CPU ops would
-then run on as many threads as the loader has workers; `torch_threads_kept` restores the caller's setting.
+Threads: ffcv 1.0.2 calls `torch.set_num_threads(1)` when imported, and `torch.set_num_threads(num_workers)`
+whenever a Loader is built or iterated (ffcv.pipeline.compiler.Compiler.set_num_threads). The trainer's own CPU ops
+would then run on as many threads as the loader has workers; `torch_threads_kept` restores the caller's setting.
+
+Compile time: ffcv compiles with numba in every process, and numba keeps nothing between processes unless asked.
+Importing ffcv builds a numba typed Dict (about 3.5 s of compiling on a 2-core VM) and each Loader compiles its
+decoders and augmentations (about 10 s there). `keep_numba_compiles` turns on numba's on-disk cache for them, so a
+process after the first loads that machine code in under a second (see its docstring for what keys an entry).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -23,7 +32,69 @@ def torch_threads_kept() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+def cache_on_disk(dispatcher: Any) -> bool:
+    """Turn on numba's on-disk cache for one jitted function; returns whether it is on. Numba keys an entry by the
+    function's bytecode, the values its closure holds (an augmentation's settings), the argument types and the CPU,
+    and drops the entries when the source file changes; it refuses to save code that holds a process's pointers
+    (ffcv's JPEG decoder calls into C through one, so that function compiles every time).
+
+    Stays off where numba has no writable place (beside the source, in NUMBA_CACHE_DIR or the user's cache) and for
+    code built by exec (ffcv's pipeline stage). A cache that cannot be read or written (a damaged file, a full disk)
+    costs the compile, never the run; a damaged index is started afresh."""
+    py_func = getattr(dispatcher, "py_func", None)
+    if py_func is None or not py_func.__code__.co_filename or not hasattr(dispatcher, "enable_caching"):
+        return False
+    try:
+        dispatcher.enable_caching()
+    except RuntimeError:  # numba: "no locator available" for this function
+        return False
+    cache = dispatcher._cache
+    load, save = cache.load_overload, cache.save_overload
+
+    def load_or_compile(*args: Any) -> Any:
+        try:
+            return load(*args)
+        except Exception:  # a damaged entry: start this function's index afresh and compile (None: "not cached")
+            with contextlib.suppress(Exception):
+                cache.flush()
+            return None
+
+    def save_or_skip(*args: Any) -> None:
+        with contextlib.suppress(Exception):  # a full disk, a damaged index: the code runs, it is only not kept
+            save(*args)
+
+    cache.load_overload, cache.save_overload = load_or_compile, save_or_skip
+    return True
+
+
+def keep_numba_compiles() -> None:
+    """numba's typed Dict functions (compiled by ffcv's import, ffcv.fields.rgb_image.IMAGE_MODES) and everything
+    ffcv compiles through its Compiler, cached on disk (`cache_on_disk`). Call before ffcv is first imported."""
+    from numba.core.errors import NumbaWarning
+    from numba.typed import typeddict
+
+    # numba's note, in every process, that it will not cache the JPEG decoder (a C pointer): nothing to act on
+    warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
+    for name in ("_make_dict", "_setitem", "_getitem"):
+        cache_on_disk(getattr(typeddict, name, None))
+    from ffcv.pipeline.compiler import Compiler
+
+    compile_uncached: Callable = Compiler.compile.__func__
+    if getattr(compile_uncached, "keeps_numba_compiles", False):
+        return
+
+    @functools.wraps(compile_uncached)
+    def compile_cached(cls, code, signature=None):
+        compiled = compile_uncached(cls, code, signature)
+        cache_on_disk(compiled)  # with a signature numba has compiled already: that function stays uncached
+        return compiled
+
+    compile_cached.keeps_numba_compiles = True
+    Compiler.compile = classmethod(compile_cached)
+
+
 with torch_threads_kept():
+    keep_numba_compiles()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -47,5 +118,7 @@ __all__ = [
     "ToDevice",
     "ToTensor",
     "ToTorchImage",
+    "cache_on_disk",
+    "keep_numba_compiles",
     "torch_threads_kept",
 ]
