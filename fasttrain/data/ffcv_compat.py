@@ -85,8 +85,12 @@ def keep_numba_compiles() -> None:
 
     @functools.wraps(compile_uncached)
     def compile_cached(cls, code, signature=None):
-        compiled = compile_uncached(cls, code, signature)
-        cache_on_disk(compiled)  # with a signature numba has compiled already: that function stays uncached
+        compiled = compile_uncached(cls, code)  # lazy, so the cache is on before the first compile
+        if cache_on_disk(compiled) and signature is not None:
+            compiled.compile(signature)  # what numba's njit(signature) does: that signature now, no other later
+            compiled.disable_compile()
+        elif signature is not None:
+            compiled = compile_uncached(cls, code, signature)
         return compiled
 
     compile_cached.keeps_numba_compiles = True
