@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: numba's cache stays off (see cache_lock)
+    fcntl = None
 
 
 @contextmanager
@@ -32,36 +38,60 @@ def torch_threads_kept() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def cache_on_disk(dispatcher: Any) -> bool:
-    """Turn on numba's on-disk cache for one jitted function; returns whether it is on. Numba keys an entry by the
-    function's bytecode, the values its closure holds (an augmentation's settings), the argument types and the CPU,
-    and drops the entries when the source file changes; it refuses to save code that holds a process's pointers
-    (ffcv's JPEG decoder calls into C through one, so that function compiles every time).
+@contextmanager
+def cache_lock(cache_dir: str, exclusive: bool) -> Iterator[None]:
+    """A lock on one numba cache directory, across processes. numba's save reads the index, takes the next free
+    data-file number, then writes index and data, unlocked: two processes saving other settings of one function at
+    once can pair one's key with the other's code. Saves therefore hold the lock alone, loads share it."""
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(os.path.join(cache_dir, "fasttrain.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield  # closing the file releases the lock
 
-    Stays off where numba has no writable place (beside the source, in NUMBA_CACHE_DIR or the user's cache) and for
-    code built by exec (ffcv's pipeline stage). A cache that cannot be read or written (a damaged file, a full disk)
-    costs the compile, never the run; a damaged index is started afresh."""
+
+def cache_on_disk(dispatcher: Any) -> bool:
+    """Turn on numba's on-disk cache for one jitted function; returns whether it is on.
+
+    numba keys an entry by the function's bytecode, the values its closure holds (an augmentation's settings; for
+    ffcv's parallel operations also `range` or `prange`, so workers=1 and workers>1 get their own entries), the
+    argument types, the CPU and numba's version, and drops the entries when the source file changes. It does not
+    key target options or global variables: ffcv's are constants, and its `parallel` flag follows the closure's
+    `prange`. numba refuses to save code that holds a process's pointers: ffcv's JPEG decoder calls C through one,
+    so it, and the pipeline stage ffcv builds with exec, compile in every process.
+
+    numba looks for a writable place in NUMBA_CACHE_DIR, then beside the source, then in the user's cache
+    (~/.cache/numba); with none, or without fcntl, the cache stays off. A cache that cannot be read or written
+    (a damaged file, a full disk) costs the compile, never the run; a damaged index is started afresh."""
     py_func = getattr(dispatcher, "py_func", None)
-    if py_func is None or not py_func.__code__.co_filename or not hasattr(dispatcher, "enable_caching"):
+    if (
+        fcntl is None
+        or py_func is None
+        or not py_func.__code__.co_filename
+        or not hasattr(dispatcher, "enable_caching")
+    ):
         return False
     try:
         dispatcher.enable_caching()
-    except RuntimeError:  # numba: "no locator available" for this function
+        cache = dispatcher._cache
+        cache_dir = cache.cache_path
+    except (RuntimeError, OSError, AttributeError):  # numba's "no locator available", an unreadable source
         return False
-    cache = dispatcher._cache
     load, save = cache.load_overload, cache.save_overload
 
     def load_or_compile(*args: Any) -> Any:
         try:
-            return load(*args)
-        except Exception:  # a damaged entry: start this function's index afresh and compile (None: "not cached")
-            with contextlib.suppress(Exception):
+            with cache_lock(cache_dir, exclusive=False):
+                return load(*args)
+        except OSError:  # unreadable now (a permission, too many open files): compile; None means "not cached"
+            return None
+        except Exception:  # a damaged entry: start this function's index afresh, and compile
+            with contextlib.suppress(Exception), cache_lock(cache_dir, exclusive=True):
                 cache.flush()
             return None
 
     def save_or_skip(*args: Any) -> None:
-        with contextlib.suppress(Exception):  # a full disk, a damaged index: the code runs, it is only not kept
-            save(*args)
+        with contextlib.suppress(Exception), cache_lock(cache_dir, exclusive=True):
+            save(*args)  # failing (a full disk, a damaged index), the code runs; it is only not kept
 
     cache.load_overload, cache.save_overload = load_or_compile, save_or_skip
     return True
@@ -73,8 +103,8 @@ def keep_numba_compiles() -> None:
     from numba.core.errors import NumbaWarning
     from numba.typed import typeddict
 
-    # numba's note, in every process, that it will not cache the JPEG decoder (a C pointer): nothing to act on
-    warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
+    # numba's note, in every process, that it will not cache ffcv's JPEG decoder (a C pointer): nothing to act on
+    warnings.filterwarnings("ignore", "Cannot cache compiled function", NumbaWarning, module=r".*ffcv")
     for name in ("_make_dict", "_setitem", "_getitem"):
         cache_on_disk(getattr(typeddict, name, None))
     from ffcv.pipeline.compiler import Compiler
