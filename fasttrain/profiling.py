@@ -66,6 +66,7 @@ def _entry(name: str, own_us: float, calls: int, steps: int, total_us: float) ->
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (nothing to wait for on a CPU); bench's timers use it too."""
+    """Wait for the device's queued work (nothing to wait for on a CPU): before a host clock is read, in bench's
+    timers, the trainer's and the loader benchmark's."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -54,6 +54,7 @@ from fasttrain.loop.optim import (
     peak_lrs,
 )
 from fasttrain.loop.resolve import RunPlan, configure_backends, make_accelerator, resolve
+from fasttrain.profiling import synchronize
 from fasttrain.tracking.report import Reporter
 
 DATA_INIT_IMAGES = 5000  # training images a model's data-dependent initialisation sees (airbench's whitening)
@@ -113,7 +114,7 @@ def initialise_from_data(model: torch.nn.Module, train_loader, plan: RunPlan) ->
     t0 = time.perf_counter()
     images = train_loader.sample_images(min(DATA_INIT_IMAGES, train_loader.dataset_size))
     models.data_init(model.to(images.device), images)
-    synchronize(plan)
+    synchronize(images.device)
     return time.perf_counter() - t0
 
 
@@ -134,11 +135,6 @@ def used_groups(cfg: Config, model: torch.nn.Module) -> list:
     assigned = assign_params(model, cfg.param_groups)
     settings = group_settings(cfg.train, cfg.param_groups, cfg.train.batch_size)
     return [s for s in settings if assigned[s.name]]
-
-
-def synchronize(plan: RunPlan) -> None:
-    if plan.device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # --- the run's state between steps --------------------------------------------------------------------------------
@@ -344,7 +340,7 @@ def warm_up_compiled(run: Run) -> float:
     with torch.no_grad(), acc.autocast():
         for batch_size, level in sorted(shapes):
             tta_logits(run.eval_forward, images(batch_size), level)
-    synchronize(run.plan)
+    synchronize(run.accelerator.device)
     model_state, optimizer_states, scheduler_states, scaler_state = saved
     engine.model.load_state_dict(model_state)
     for optimizer, state in zip(engine.optimizers, optimizer_states):
@@ -389,7 +385,7 @@ def train_epoch(run: Run, signals: StopSignals) -> tuple[WindowStats, float, int
     engine.model.train()
     run.train_loader.epoch = p.epoch
     windows: list[WindowStats] = []
-    synchronize(run.plan)
+    synchronize(run.accelerator.device)
     acc.wait_for_everyone()  # start every rank's clock together, so per-rank rates measure the same interval
     t_epoch = time.perf_counter()
     # iter() is timed: the resident loader augments the whole epoch there, and airbench counts that in its epochs.
@@ -572,7 +568,7 @@ def finish(run: Run, exit_code: int, model_info: dict) -> dict:
     last = p.last_val
     tta_acc, final_eval_s, agree = None, 0.0, None
     if exit_code == 0 and p.step > 0:
-        synchronize(plan)
+        synchronize(run.accelerator.device)
         t0 = time.perf_counter()
         tta_acc = validate(run, tta_level=cfg.train.tta_level)["acc"]
         final_eval_s = time.perf_counter() - t0

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import torch
+from fasttrain.profiling import synchronize
 
 
 def measure_loader(loader: Iterable, epochs: int = 3) -> dict[str, Any]:
@@ -24,8 +24,8 @@ def measure_loader(loader: Iterable, epochs: int = 3) -> dict[str, Any]:
         for batch in loader:
             count += batch[0].shape[0]
             device = batch[0].device
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if device is not None:
+            synchronize(device)
         seconds.append(time.perf_counter() - start)
         images.append(count)
     return {
