@@ -63,18 +63,13 @@ def cache_on_disk(dispatcher: Any) -> bool:
     (~/.cache/numba); with none, or without fcntl, the cache stays off. A cache that cannot be read or written
     (a damaged file, a full disk) costs the compile, never the run; a damaged index is started afresh."""
     py_func = getattr(dispatcher, "py_func", None)
-    if (
-        fcntl is None
-        or py_func is None
-        or not py_func.__code__.co_filename
-        or not hasattr(dispatcher, "enable_caching")
-    ):
+    if fcntl is None or py_func is None or not py_func.__code__.co_filename:
         return False
     try:
         dispatcher.enable_caching()
         cache = dispatcher._cache
         cache_dir = cache.cache_path
-    except (RuntimeError, OSError, AttributeError):  # numba's "no locator available", an unreadable source
+    except (RuntimeError, OSError, AttributeError):  # "no locator available", an unreadable source, an older numba
         return False
     load, save = cache.load_overload, cache.save_overload
 
