@@ -288,7 +288,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     summary.update(
         compile_time_s=compile_time_s, compiled_graphs=new_graphs, loader_warmup_s=loader_warmup_s,
         data_init_s=data_init_s,
-        total_time_s=data_init_s + progress.train_time_s + summary.pop("final_eval_s"),
+        total_time_s=data_init_s + progress.train_time_s + summary["final_eval_s"],
         wall_time_s=time.perf_counter() - t_start,
     )  # fmt: skip
     model_file = save_final_model(run) if exit_code == 0 else None

@@ -176,8 +176,10 @@ def test_e2e_runs_the_trainer_and_reads_its_summary(data_dir, tmp_path):
     # Any classifier scores >= 0.10 on the balanced test slice, so a 0.05 target is always reached.
     assert result["time_to_target_s"] > 0 and result["target_acc"] == 0.05
     assert 0 <= result["val_acc"] <= 1 and 0 <= result["tta_acc"] <= 1
-    for key in ("images_per_sec", "train_time_s", "wall_time_s", "process_wall_s"):
+    for key in ("images_per_sec", "train_time_s", "wall_time_s", "process_wall_s", "final_eval_s"):
         assert result[key] > 0, key
+    parts = result["data_init_s"] + result["train_time_s"] + result["final_eval_s"]
+    assert result["total_time_s"] == pytest.approx(parts), "total_time_s is data init + training + final evaluation"
     assert (tmp_path / "run" / "summary.json").exists()
 
 
