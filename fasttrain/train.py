@@ -402,14 +402,15 @@ def train_epoch(run: Run, signals: StopSignals) -> tuple[WindowStats, float, int
         p.step_in_epoch += 1
         if inject_fault(acc.process_index, p.step + 1, at="batch"):  # the reliability tests' NaN on one rank
             images = torch.full_like(images, float("nan"))
-        if engine.step(images, labels):
+        stepped = engine.step(images, labels)
+        if stepped:
             p.step += 1
         else:
             note_skipped_step(run)
         inject_fault(acc.process_index, p.step)
         bar.update(1)
         stop_requested = signals.received is not None
-        if p.step % t.log_every == 0:
+        if stepped and p.step % t.log_every == 0:  # (a skipped step leaves p.step on the step already logged)
             windows.append(engine.take_window())
             now = time.perf_counter()
             stop = log_window(run, windows[-1], now - t_window, now - t_epoch, window_first_step, stop_requested)
@@ -456,7 +457,7 @@ def log_window(
 def note_skipped_step(run: Run) -> None:
     p, t = run.progress, run.cfg.train
     p.skipped_steps += 1
-    run.report.say(f"\nstep {p.step}: non-finite loss, step skipped ({p.skipped_steps}/{t.max_skips})")
+    run.report.say(f"\nstep {p.step + 1}: non-finite loss, step skipped ({p.skipped_steps}/{t.max_skips})")
     if p.skipped_steps > t.max_skips:
         raise NonFiniteLoss(
             f"more than train.max_skips={t.max_skips} steps had a non-finite loss; lower train.lr "

@@ -159,12 +159,18 @@ def test_nonfinite_skip_mode_skips_then_gives_up(tmp_path, data_dir):
             "skip",
             "--train.max_skips",
             "3",
+            "--train.log_every",
+            "1",
         ],
         tmp_path,
         check=False,
     )
     assert proc.returncode == 3
     assert proc.stdout.count("step skipped") == 4 and "more than train.max_skips=3" in proc.stderr
+    # Step 1 trains at the initial weights; from step 2 on the loss is NaN and each try of step 2 is skipped.
+    assert "step 2: non-finite loss, step skipped (1/3)" in proc.stdout
+    rows = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["step"] for r in rows] == [1], "a skipped step writes no row (step 1's is not written again)"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip-byte", "missing-manifest"])
