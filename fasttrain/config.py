@@ -79,7 +79,7 @@ class TrainSection:
     lr_peak_epoch: float = opt(5.0, "epoch at which the LR peaks (0: start at the peak)")
     momentum: float = opt(0.9, "SGD/Muon momentum, AdamW beta1")
     nesterov: bool = opt(False, "Nesterov momentum (sgd, muon)")
-    weight_decay: float = opt(5e-4, "L2 weight decay (coupled, as torch's SGD)")
+    weight_decay: float = opt(5e-4, "weight decay: L2 added to the gradient (sgd, muon), decoupled (adamw)")
     wd_on_bn_and_bias: bool = opt(False, "also decay BatchNorm parameters and biases")
     label_smoothing: float = opt(0.1, "label smoothing of the training loss")
     loss_reduction: Literal["mean", "sum"] = opt("mean", "training loss over the batch: mean, or sum (airbench)")
@@ -450,6 +450,8 @@ def validate(cfg: Config) -> None:
         _require(group.lr is None or group.lr >= 0, f"{key}.lr", f"must be >= 0, got {group.lr}")
         _require(group.weight_decay is None or group.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         _require(group.momentum is None or 0 <= group.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
+        optimizer = group.optimizer or t.optimizer
+        _require(not group.nesterov or optimizer != "adamw", f"{key}.nesterov", "applies to sgd and muon only")
         _require(group.end_epoch is None or group.end_epoch > 0, f"{key}.end_epoch", "must be > 0")
     _require(d.workers >= 1, "data.workers", f"must be >= 1, got {d.workers}")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")

@@ -5,7 +5,7 @@ import pytest
 from fasttrain import models
 from fasttrain.config import Config, build_config, coerce, help_text, load_config, recipe_changes, recipe_names
 from fasttrain.errors import ConfigError
-from fasttrain.loop.optim import assign_params, lr_factor, scaled_lr
+from fasttrain.loop.optim import assign_params, build_optimizers, lr_factor, scaled_lr
 
 
 @pytest.mark.parametrize("recipe", recipe_names())
@@ -156,7 +156,6 @@ def test_triangular_schedule_peaks_then_reaches_zero():
 
 def test_no_weight_decay_on_batchnorm_and_bias():
     from fasttrain.config import TrainSection
-    from fasttrain.loop.optim import build_optimizers
 
     model = models.create("deepcnn", widths=(8, 16), blocks=(1, 1))
     (optimizer,) = build_optimizers(model, TrainSection(), {}, 512)
@@ -179,3 +178,16 @@ def test_param_groups_from_yaml_take_their_parameters_by_pattern(tmp_path):
     assert [n for n, _ in assigned["head"]] == [n for n, _ in model.named_parameters() if n.startswith("head.")]
     assert not any(n.startswith("head.") for n, _ in assigned["default"])
     assert cfg.to_dict()["param_groups"]["head"]["lr"] == 0.05
+
+
+def test_adamw_groups_of_one_optimiser_keep_their_own_beta1():
+    groups = ["--param_groups.head.params", "head.*", "--param_groups.head.momentum", "0.5"]
+    cfg = load_config(["--config", "deepcnn", "--train.optimizer", "adamw", "--train.momentum", "0.8", *groups])
+    model = models.create("deepcnn", widths=(8, 16), blocks=(1, 1))
+    (optimizer,) = build_optimizers(model, cfg.train, cfg.param_groups, 512)
+    assert type(optimizer).__name__ == "AdamW"
+    assert {g["group"]: g["betas"][0] for g in optimizer.param_groups} == {"head": 0.5, "default": 0.8}
+    with pytest.raises(ConfigError, match="param_groups.head.nesterov: applies to sgd and muon only"):
+        load_config(
+            ["--config", "deepcnn", "--train.optimizer", "adamw", *groups, "--param_groups.head.nesterov", "true"]
+        )

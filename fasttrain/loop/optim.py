@@ -141,7 +141,10 @@ def build_optimizers(
         for g in _torch_groups(s, params, t):
             if not g["params"]:
                 continue
-            if s.optimizer != "adamw":  # momentum may differ between groups of one optimiser: carry it per group
+            # Momentum may differ between groups of one optimiser: carry it per group (AdamW's is beta1).
+            if s.optimizer == "adamw":
+                g["betas"] = (s.momentum, 0.999)
+            else:
                 g.update(momentum=s.momentum, nesterov=s.nesterov)
             by_kind.setdefault(s.optimizer, ([], s))[0].append(g)
     if not by_kind:
