@@ -59,6 +59,12 @@ def test_without_bf16_a_cuda_device_defaults_to_fp32(gpu_present, monkeypatch):
     assert precision_for("auto", CUDA, None) == "no"
 
 
+def test_a_cuda_device_that_only_emulates_bf16_defaults_to_fp32(gpu_present, monkeypatch):
+    """A V100 or T4: torch says bf16 is supported when emulation counts (its default), and not otherwise."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert precision_for("auto", CUDA, None) == "no"
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerate's process-wide state forgotten before and after: the test's Accelerator decides its device anew."""

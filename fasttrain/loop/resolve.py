@@ -61,7 +61,8 @@ def precision_for(requested: str, device: torch.device, launcher: str | None) ->
         if launcher in ("fp16", "bf16"):
             requested = launcher
         else:
-            return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "no"
+            # Emulated bf16 (pre-Ampere GPUs) is slower than fp32: only native bf16 counts.
+            return "bf16" if on_cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
     if requested == "fp16" and not on_cuda:
         raise ConfigError(
             "train.mixed_precision: fp16 needs a CUDA device (on CPU it would silently run fp32); use bf16 or no"
