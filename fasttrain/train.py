@@ -9,6 +9,7 @@ schedules -> resume -> warm-up -> epochs -> final evaluation -> summary. One tra
 from __future__ import annotations
 
 import copy
+import re
 import signal
 import sys
 import time
@@ -73,15 +74,30 @@ def default_recipe() -> str:
     return "cpu_quick"
 
 
+def timestamped_run_dir(name: str) -> Path:
+    """runs/<name>-<UTC time>, the directory of a run (or of a run's repeats) given no run.dir."""
+    return Path("runs") / f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def newest_run_dir(name: str) -> Path | None:
+    """The newest runs/<name>-<UTC time> of a single run: not another name that starts with <name>- (`exp-long-...`
+    for `exp`), nor a directory of repeats (it has no checkpoints/ of its own)."""
+    stamped = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}")
+    runs = Path("runs")
+    if not runs.is_dir():
+        return None
+    found = [p for p in runs.iterdir() if stamped.fullmatch(p.name) and (p / "checkpoints").is_dir()]
+    return max(found, default=None)  # the fixed-width stamp sorts by time
+
+
 def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """`run.dir`, or runs/<name>-<time>; with --resume auto and no run.dir, the newest run of that name."""
     if cfg.run.dir:
         run_dir = Path(cfg.run.dir)
-    elif cfg.run.resume in ("auto", "force") and (earlier := sorted(Path("runs").glob(f"{cfg.run.name}-*"))):
-        run_dir = earlier[-1]
+    elif cfg.run.resume in ("auto", "force") and (earlier := newest_run_dir(cfg.run.name)):
+        run_dir = earlier
     else:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{cfg.run.name}-{stamp}"
+        run_dir = timestamped_run_dir(cfg.run.name)
     run_dir = Path(from_main(accelerator, str(run_dir)))
     if accelerator.is_main_process:
         try:
@@ -599,11 +615,7 @@ def train_repeats(cfg: Config, argv: list[str]) -> dict:
     import statistics
 
     accelerator, _ = make_accelerator(cfg)  # each run makes its own; this one names the directory and who writes
-    root = (
-        Path(cfg.run.dir)
-        if cfg.run.dir
-        else Path("runs") / f"{cfg.run.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    )
+    root = Path(cfg.run.dir) if cfg.run.dir else timestamped_run_dir(cfg.run.name)
     root = Path(from_main(accelerator, str(root)))  # the main process's clock names it for every rank
     group = cfg.wandb.group or root.name
     summaries = []

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import (
@@ -218,6 +219,19 @@ def test_resume_refuses_a_different_config(tmp_path, data_dir):
     proc = run_train([*base, "--train.epochs", "2", "--train.lr", "0.3", "--resume", "auto"], tmp_path, check=False)
     assert proc.returncode == 2
     assert "train.lr" in proc.stderr and "--resume force" in proc.stderr
+
+
+def test_resume_auto_without_run_dir_takes_the_newest_run_of_that_name_only(tmp_path, monkeypatch):
+    from fasttrain.train import newest_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert newest_run_dir("exp") is None
+    for name in ("exp-20261130-090000", "exp-20261201-090000", "exp-long-20271231-235959", "exp-20261201-120000"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    for name in ("exp-20261130-090000", "exp-20261201-090000", "exp-long-20271231-235959"):
+        (tmp_path / "runs" / name / "checkpoints").mkdir()
+    # exp-long-... is another run's name; exp-20261201-120000 holds repeats (no checkpoints/ of its own).
+    assert newest_run_dir("exp") == Path("runs") / "exp-20261201-090000"
 
 
 def test_target_accuracy_stops_early_and_reports_the_time(tmp_path, data_dir):
