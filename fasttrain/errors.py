@@ -7,14 +7,16 @@ Exit codes, the same for every fasttrain command (the EXIT_* names below; entry 
   2 `EXIT_BAD_INPUT` bad input or a broken environment the user can fix (`FasttrainError`), and argparse's usage
     errors.
   3 `EXIT_NONFINITE` training stopped on a non-finite loss.
-  128 + N (`signal_exit_code`) stopped by signal N (130 Ctrl-C, 143 SIGTERM) after writing a checkpoint.
+  128 + N (`signal_exit_code`) stopped by signal N (130 Ctrl-C, 143 SIGTERM): during training after writing a
+    checkpoint; at once, without one, on a second signal or on Ctrl-C before training starts.
 
 Every entry point runs through `run_command`, which turns a FasttrainError into one line on stderr,
-`<prog>: error: <message>`, and its exit code.
+`<prog>: error: <message>`, and its exit code, and an interruption into one line and 128 + N.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,6 +30,14 @@ EXIT_SIGNAL_BASE = 128
 def signal_exit_code(signum: int) -> int:
     """The exit code of a run stopped by signal `signum`, as a shell reports a process killed by it."""
     return EXIT_SIGNAL_BASE + signum
+
+
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during training: stop at once, without the checkpoint the first one asked for."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class FasttrainError(Exception):
@@ -52,10 +62,15 @@ class NonFiniteLoss(FasttrainError):
 
 def run_command(prog: str, command: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
     """Run an entry point's `command(argv)` (argv: sys.argv[1:] when None) and return its exit code; a
-    FasttrainError becomes one line on stderr, `<prog>: error: <message>`, and its `exit_code`."""
+    FasttrainError becomes one line on stderr, `<prog>: error: <message>`, and its `exit_code`; an interruption
+    (Ctrl-C outside the training loop's own handling, or a second signal) one line and 128 + the signal."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return command(argv)
     except FasttrainError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, StopNow) else signal.SIGINT
+        print(f"{prog}: stopped by {signal.Signals(signum).name}, at once: no checkpoint written", file=sys.stderr)
+        return signal_exit_code(signum)

@@ -298,7 +298,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     try:
         exit_code = fit(run)
     except NonFiniteLoss as e:
-        print(f"fasttrain: error: {e}", file=sys.stderr, flush=True)
+        print(f"fasttrain train: error: {e}", file=sys.stderr, flush=True)
         exit_code = EXIT_NONFINITE
     summary = finish(run, exit_code, model_info)
     summary.update(
@@ -672,7 +672,7 @@ def end_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("fasttrain", command, argv)
+    return run_command("fasttrain train", command, argv)
 
 
 if __name__ == "__main__":

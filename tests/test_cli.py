@@ -4,6 +4,7 @@ one `fasttrain <sub>: error: ...` line on stderr and exit code 2 (fasttrain/erro
 Cheap commands run as the installed console script; the others in this process (a subprocess would import torch
 again for each), through the same `fasttrain.cli.main` the console script calls."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 from helpers import REPO, env_for_tests
 
 from fasttrain import cli
-from fasttrain.errors import EXIT_BAD_INPUT, EXIT_OK
+from fasttrain.errors import EXIT_BAD_INPUT, EXIT_OK, run_command
+from fasttrain.loop.distributed import StopSignals
 
 FASTTRAIN = Path(sys.executable).with_name("fasttrain")
 W_AND_B_SETTINGS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_CONFIG_DIR", "NETRC")
@@ -81,6 +83,7 @@ def without_wandb_login(tmp_path, monkeypatch):
         (["eval", "{tmp}/not-a-run"], "neither a run directory"),
         (["compare", "--out", "{tmp}/out"], "--grid NAME|PATH is required"),
         (["dashboard", "--project", "p"], "wandb login"),
+        (["train", "--train.bogus", "1"], "train.bogus"),
     ],
     ids=lambda value: value[0] if isinstance(value, list) else "",
 )
@@ -90,3 +93,24 @@ def test_bad_input_is_one_line_and_exit_2(argv, expected, tmp_path, capfd, witho
     line = assert_one_error_line(rc, captured.err, f"fasttrain {argv[0]}")
     assert expected.format(tmp=tmp_path) in line
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capfd):
+    def converting(argv):
+        raise KeyboardInterrupt  # as Ctrl-C during a conversion or the start-up would
+
+    assert run_command("fasttrain convert", converting, []) == 128 + signal.SIGINT
+    err = capfd.readouterr().err
+    assert err == "fasttrain convert: stopped by SIGINT, at once: no checkpoint written\n"
+
+
+def test_a_second_signal_during_training_stops_at_once_with_its_exit_code(capfd):
+    def training(argv):
+        with StopSignals() as signals:
+            signals._handle(signal.SIGTERM, None)  # the first asks the loop for a checkpoint, then a stop
+            assert signals.received == signal.SIGTERM
+            signals._handle(signal.SIGTERM, None)  # the second will not wait for it
+        return 0
+
+    assert run_command("fasttrain train", training, []) == 128 + signal.SIGTERM
+    assert capfd.readouterr().err == "fasttrain train: stopped by SIGTERM, at once: no checkpoint written\n"

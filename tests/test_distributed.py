@@ -158,7 +158,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_together(tmp_path, data_
         tmp_path, processes=2, env_extra={"FASTTRAIN_INJECT_FAULT": "at=batch,rank=1,step=2,action=nan"},
         timeout=180,
     )  # fmt: skip
-    message = "fasttrain: error: the loss became NaN/Inf in 1 of optimizer steps 1-2 on rank 1 of 2 processes."
+    message = "fasttrain train: error: the loss became NaN/Inf in 1 of optimizer steps 1-2 on rank 1 of 2 processes."
     assert proc.stderr.count(message) == 2, proc.stderr[-4000:]  # once per rank (their lines may interleave)
     assert 'train.py", line' not in proc.stderr, "no rank died of an exception (the launcher's own traceback aside)"
     # Both ranks exit 3; whichever the launcher sees second it may have stopped itself by then (a race of exits).

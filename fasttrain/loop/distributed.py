@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import broadcast_object_list, gather_object
 
+from fasttrain.errors import StopNow
+
 
 def sum_across_ranks(accelerator, values: list[float] | torch.Tensor) -> list[float]:
     """Sum a few numbers over all ranks (one all-reduce); returns Python floats, identical on every rank."""
@@ -67,7 +69,7 @@ def sync_buffers(module: torch.nn.Module) -> None:
 class StopSignals:
     """Turns SIGINT/SIGTERM into a flag the loop polls, so it can checkpoint and exit cleanly.
 
-    A second signal raises KeyboardInterrupt at once: a user pressing Ctrl-C twice wants out now.
+    A second signal raises StopNow (a KeyboardInterrupt) at once: a user pressing Ctrl-C twice wants out now.
     """
 
     def __init__(self) -> None:
@@ -81,7 +83,7 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         self.received = signum
 
     def __exit__(self, *exc) -> None:
