@@ -382,7 +382,9 @@ def fit(run: Run) -> int:
             epoch = train_epoch(run, signals)
             if isinstance(epoch, int):
                 return epoch  # interrupted
-            row = end_epoch(run, *epoch)
+            row, stop = end_epoch(run, *epoch, stop_requested=signals.received is not None)
+            if stop:
+                return interrupted(run, signals)
             if t.target_acc is not None and row["val_acc"] is not None and row["val_acc"] >= t.target_acc:
                 run.report.say(f"target accuracy {t.target_acc} reached at {p.time_to_target_s:.2f} s of training")
                 break
@@ -433,7 +435,7 @@ def train_epoch(run: Run, signals: StopSignals) -> tuple[WindowStats, float, int
             bar.set_postfix(loss=f"{windows[-1].loss:.3f}")
             t_window, window_first_step = now, p.step  # logging's own cost lands in the next window
         else:
-            # One process checks its flag every step; several agree on it only at log steps (in their collective).
+            # One process checks its flag every step; several agree on it at log steps and the epoch's end only.
             stop = run.plan.world_size == 1 and stop_requested
         if stop:
             bar.close()
@@ -502,14 +504,19 @@ def step_row(run: Run, stats: WindowStats, seconds: float, time_s: float, own_ip
     }  # fmt: skip
 
 
-def end_epoch(run: Run, stats: WindowStats, seconds: float, last_window_first_step: int) -> dict:
-    """Count the epoch, evaluate if due, write its metrics row, checkpoint if due. The epoch's last window (after
-    its last log step) is checked for a non-finite loss here, in the epoch's one collective, on every rank alike."""
+def end_epoch(
+    run: Run, stats: WindowStats, seconds: float, last_window_first_step: int, stop_requested: bool
+) -> tuple[dict, bool]:
+    """Count the epoch, evaluate if due, write its metrics row, checkpoint if due; returns the row and whether the
+    ranks stop (a signal; the caller then checkpoints). The epoch's last window (after its last log step) is checked
+    for a non-finite loss, and any rank's stop signal is agreed on, in the epoch's one collective: with several
+    processes the loop agrees on signals only here and at log steps, and an epoch may have fewer steps than
+    train.log_every."""
     cfg, p, acc = run.cfg, run.progress, run.accelerator
-    images, loss_sum, smoothed_sum, correct, *nonfinite = sum_across_ranks(
+    images, loss_sum, smoothed_sum, correct, stops, *nonfinite = sum_across_ranks(
         acc,
         [stats.images, stats.loss * stats.images, stats.loss_smoothed * stats.images, stats.acc * stats.images,
-         *per_rank(acc, stats.nonfinite_steps)],
+         float(stop_requested), *per_rank(acc, stats.nonfinite_steps)],
     )  # fmt: skip
     raise_if_nonfinite(nonfinite, last_window_first_step, p.step, nonfinite_hint(run))
     p.epoch += 1
@@ -540,9 +547,9 @@ def end_epoch(run: Run, stats: WindowStats, seconds: float, last_window_first_st
         row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
     run.report.row(row)
     every = cfg.checkpoint.every
-    if every and p.epoch % every == 0:
+    if every and p.epoch % every == 0 and not stops:
         save_checkpoint(run)
-    return row
+    return row, stops > 0
 
 
 def validate(run: Run, tta_level: int) -> dict:
