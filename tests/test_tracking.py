@@ -14,6 +14,7 @@ from helpers import wandb_history, wandb_records, wandb_summary
 
 from fasttrain.errors import ConfigError
 from fasttrain.tracking import EpochTable, MetricsFile, plot_curves, read_metrics, resolve_mode, start_wandb
+from fasttrain.tracking.plots import epoch_rows
 
 FAKE_API_KEY = "f" * 40
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -281,9 +282,10 @@ def _assert_png(path: Path) -> None:
 def test_plot_curves_multi_epoch(tmp_path):
     rows = []
     for epoch in range(1, 9):
-        rows.append({"step": epoch * 10 - 5, "train_loss": 2.0})  # step rows are ignored
+        rows.append({"kind": "step", "step": epoch * 10 - 5, "epoch": epoch - 1, "train_loss": 2.0})  # ignored
         rows.append(
             {
+                "kind": "epoch",
                 "step": epoch * 10,
                 "epoch": epoch,
                 "train_acc": 0.5 + 0.06 * epoch,
@@ -297,9 +299,19 @@ def test_plot_curves_multi_epoch(tmp_path):
 
 
 def test_plot_curves_single_epoch_with_missing_values(tmp_path):
-    rows = [{"step": 97, "epoch": 1, "train_acc": 0.41, "val_acc": 0.45, "train_loss": 1.6}]  # no val_loss
+    rows = [{"kind": "epoch", "step": 97, "epoch": 1, "train_acc": 0.41, "val_acc": 0.45, "train_loss": 1.6}]
     _assert_png(plot_curves(rows, tmp_path / "one" / "curves.png"))
     _assert_png(plot_curves([], tmp_path / "none" / "curves.png"))
+
+
+def test_the_curves_keep_the_train_figures_of_epochs_not_evaluated():
+    """train.eval_every 2: epoch 1's row has no validation figures, and its train accuracy and loss still count."""
+    rows = [
+        {"kind": "step", "step": 5, "epoch": 0, "train_acc": 0.2},
+        {"kind": "epoch", "step": 10, "epoch": 1, "train_acc": 0.3, "val_acc": None, "val_loss": None},
+        {"kind": "epoch", "step": 20, "epoch": 2, "train_acc": 0.4, "val_acc": 0.35, "val_loss": 1.9},
+    ]
+    assert [row["epoch"] for row in epoch_rows(rows)] == [1, 2]
 
 
 # --- console table -----------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ _PANELS = (
 
 
 def epoch_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The end-of-epoch rows: those carrying a validation accuracy."""
-    return [row for row in rows if row.get("val_acc") is not None]
+    """The end-of-epoch rows, evaluated or not (with train.eval_every > 1 the validation lines have gaps)."""
+    return [row for row in rows if row.get("kind") == "epoch"]
 
 
 def _as_float(value: Any) -> float:

@@ -15,7 +15,7 @@ import yaml
 from fasttrain.files import write_json, write_text
 from fasttrain.tracking.console import EpochTable
 from fasttrain.tracking.metrics import MetricsFile, read_metrics
-from fasttrain.tracking.plots import plot_curves
+from fasttrain.tracking.plots import epoch_rows, plot_curves
 from fasttrain.tracking.wandb_history import holds, recorded_keys
 from fasttrain.tracking.wandb_run import local_run_dirs, start_wandb
 
@@ -101,7 +101,7 @@ class Reporter:
         if not self.main:
             return
         write_json(self.run_dir / "summary.json", summary)
-        epochs = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
+        epochs = epoch_rows(read_metrics(self.run_dir / "metrics.jsonl"))
         if epochs:
             plot_curves(epochs, self.run_dir / "curves.png", title=title)
         self.metrics.close()
