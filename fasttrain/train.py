@@ -122,7 +122,7 @@ def build_model(cfg: Config, plan: RunPlan) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
-def initialise_from_data(model: torch.nn.Module, train_loader, plan: RunPlan) -> float:
+def initialise_from_data(model: torch.nn.Module, train_loader) -> float:
     """A model's data-dependent initialisation (airbench's whitening), if it has one: seconds it took. It sees the
     same images on every rank, and runs before `prepare`, so all ranks start from the same weights."""
     if not hasattr(model, "data_init"):
@@ -219,7 +219,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         )
 
     model, model_info = build_model(cfg, plan)
-    data_init_s = initialise_from_data(model, train_loader, plan)
+    data_init_s = initialise_from_data(model, train_loader)
     t = cfg.train
     optimizers = build_run_optimizers(model, cfg, plan)
     schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)

@@ -21,7 +21,6 @@ class WandbKey:
 
 EPOCH = WandbKey("epoch")
 TRAIN_TIME = WandbKey("time/train_s")
-WALL_TIME = WandbKey("time/wall_s")
 LR = WandbKey("train/lr")
 
 # Per row kind: fasttrain row key -> W&B key. "kind" and "step" (the W&B step itself) are not logged as values.
@@ -29,7 +28,6 @@ ROW_KEYS: dict[str, dict[str, WandbKey]] = {
     "step": {
         "epoch": EPOCH,
         "time_s": TRAIN_TIME,
-        "wall_s": WALL_TIME,
         "lr": LR,
         "train_loss": WandbKey("train/loss", "min"),
         "train_loss_smoothed": WandbKey("train/loss_smoothed", "min"),
@@ -42,7 +40,6 @@ ROW_KEYS: dict[str, dict[str, WandbKey]] = {
     "epoch": {
         "epoch": EPOCH,
         "time_s": TRAIN_TIME,
-        "wall_s": WALL_TIME,
         "lr": LR,
         "train_loss": WandbKey("train/epoch_loss", "min", "epoch"),
         "train_loss_smoothed": WandbKey("train/epoch_loss_smoothed", "min", "epoch"),
