@@ -144,3 +144,19 @@ def test_a_cpu_run_under_accelerate_launch_uses_the_cpus_it_may_use(accelerate_l
         assert any("OMP_NUM_THREADS=1" in note for note in plan.notes)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_plan_and_the_loaders_refuse_the_same_stream_settings(fresh_accelerate_state):
+    """Alternating flips and reflect padding are the resident loader's: the stream mode refuses them where they
+    would act, before any work, and allows them where they would not (no flips, no translation)."""
+    accelerator, _ = make_accelerator(load_config(["--config", "cpu_quick"]))
+
+    def plan(*overrides):
+        return resolve(load_config(["--config", "cpu_quick", "--data.mode", "stream", *overrides]), accelerator)
+
+    with pytest.raises(ConfigError, match="data.flip_mode alternating exists only in the device-resident loader"):
+        plan("--data.flip_mode", "alternating")
+    with pytest.raises(ConfigError, match="data.translate_fill reflect exists only in the device-resident loader"):
+        plan("--data.translate_fill", "reflect")
+    assert plan("--data.flip_mode", "alternating", "--data.flip", "false").data_mode == "stream"
+    assert plan("--data.translate_fill", "reflect", "--data.translate", "0").data_mode == "stream"

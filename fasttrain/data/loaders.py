@@ -109,6 +109,19 @@ def _check_arguments(
         raise ConfigError(f"rank {rank} / world_size {world_size} is impossible with distributed={distributed}")
 
 
+def refuse_resident_only(mode: str, flip: bool, flip_mode: str, translate: int, translate_fill: str) -> None:
+    """A ConfigError for the stream mode asked for what only the resident loader does (alternating flips, reflect
+    padding) where it would take effect (flips on, translate > 0)."""
+    if canonical_mode(mode) != "stream":
+        return
+    for key, value, wanted in (("flip_mode", flip_mode, flip), ("translate_fill", translate_fill, translate)):
+        if value in ("alternating", "reflect") and wanted:
+            raise ConfigError(
+                f"data.{key} {value} exists only in the device-resident loader: use --data.mode resident "
+                f"(or data.{key} {FLIP_MODES[0] if key == 'flip_mode' else 'zero'})"
+            )
+
+
 def _augmentation(
     mode: str, flip: bool, flip_mode: str, translate: int, translate_fill: str, cutout: int, cutout_fill: str
 ) -> Augmentation:
@@ -119,13 +132,7 @@ def _augmentation(
     ):
         if value not in choices:
             raise ConfigError(f"data.{key} {value!r} is unknown; choose one of {', '.join(choices)}")
-    if mode == "stream":
-        for key, value, wanted in (("flip_mode", flip_mode, flip), ("translate_fill", translate_fill, translate)):
-            if value in ("alternating", "reflect") and wanted:
-                raise ConfigError(
-                    f"data.{key} {value} exists only in the device-resident loader: use --data.mode resident "
-                    f"(or data.{key} {FLIP_MODES[0] if key == 'flip_mode' else 'zero'})"
-                )
+    refuse_resident_only(mode, flip, flip_mode, translate, translate_fill)
     if translate_fill == "reflect" and translate >= 32:
         raise ConfigError(f"data.translate {translate} is too large for reflect fill: use at most 31")
     return Augmentation(

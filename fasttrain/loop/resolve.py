@@ -14,10 +14,9 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import InitProcessGroupKwargs
 
 from fasttrain.config import Config
+from fasttrain.data.loaders import refuse_resident_only
 from fasttrain.errors import ConfigError
 from fasttrain.loop.optim import scaled_lr
-
-RESIDENT_ONLY = {"flip_mode": "alternating", "translate_fill": "reflect"}
 
 
 @dataclass(frozen=True)
@@ -135,12 +134,7 @@ def resolve(cfg: Config, accelerator: Accelerator, notes: list[str] = ()) -> Run
             f"use a multiple of {world}"
         )
     data_mode = d.mode if d.mode != "auto" else ("resident" if on_cuda else "stream")
-    if data_mode == "stream":
-        for key, value in RESIDENT_ONLY.items():
-            if getattr(d, key) == value:
-                raise ConfigError(
-                    f"data.{key}: {value} is done by the resident data mode only; add --data.mode resident"
-                )
+    refuse_resident_only(data_mode, d.flip, d.flip_mode, d.translate, d.translate_fill)  # before any work
     workers, clamped = clamp_workers(d.workers, "data.workers")
     if clamped and data_mode == "stream":
         notes.append(clamped)
