@@ -9,6 +9,7 @@ schedules -> resume -> warm-up -> epochs -> final evaluation -> summary. One tra
 from __future__ import annotations
 
 import copy
+import os
 import re
 import signal
 import sys
@@ -65,13 +66,16 @@ DATA_INIT_IMAGES = 5000  # training images a model's data-dependent initialisati
 
 
 def default_recipe() -> str:
-    if torch.cuda.is_available():
-        return "resnet9"
-    print(
-        "fasttrain: no CUDA device found, so no --config means the CPU recipe cpu_quick (a small net, a few "
-        "minutes). Pass --config resnet9 for the full GPU recipe (hours on a CPU)."
-    )
-    return "cpu_quick"
+    """The recipe a command line without --config trains, said once per machine (before Accelerate starts)."""
+    on_cuda = torch.cuda.is_available()
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            "fasttrain: a CUDA device is here, so no --config means the GPU recipe resnet9"
+            if on_cuda
+            else "fasttrain: no CUDA device found, so no --config means the CPU recipe cpu_quick (a small net, a "
+            "few minutes). Pass --config resnet9 for the full GPU recipe (hours on a CPU)."
+        )
+    return "resnet9" if on_cuda else "cpu_quick"
 
 
 def timestamped_run_dir(name: str) -> Path:

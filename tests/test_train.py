@@ -234,6 +234,20 @@ def test_resume_auto_without_run_dir_takes_the_newest_run_of_that_name_only(tmp_
     assert newest_run_dir("exp") == Path("runs") / "exp-20261201-090000"
 
 
+def test_no_config_means_resnet9_on_cuda_and_cpu_quick_elsewhere_said_once_per_machine(monkeypatch, capsys):
+    import torch
+
+    from fasttrain.train import default_recipe
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for cuda, recipe in ((True, "resnet9"), (False, "cpu_quick")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert default_recipe() == recipe
+        assert f"no --config means the {'GPU' if cuda else 'CPU'} recipe {recipe}" in capsys.readouterr().out
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another process of the launch on this machine
+    assert default_recipe() == "cpu_quick" and capsys.readouterr().out == ""
+
+
 def test_target_accuracy_stops_early_and_reports_the_time(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     run_train(
