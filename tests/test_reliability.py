@@ -22,6 +22,7 @@ from helpers import (
     TRAIN,
     checkpoint_steps,
     env_for_tests,
+    has_logged,
     launch,
     read_jsonl,
     run_train,
@@ -41,11 +42,12 @@ def data_dir(cifar_slice_dir):
 def test_kill_9_mid_epoch_then_resume_loses_at_most_an_epoch(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     args = [*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)]
-    proc = start_train(args, tmp_path)
-    wait_for_step(run_dir, 16, proc)  # epoch 2 under way, its checkpoint not yet written
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    # SIGKILL right after step 16: epoch 2 under way, its checkpoint not yet written (no race with a poll).
+    proc = start_train(args, tmp_path, env_extra={"FASTTRAIN_INJECT_FAULT": "step=16,action=kill"})
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
     assert checkpoint_steps(run_dir) == [10], "the epoch-1 checkpoint is the last complete one"
+    assert has_logged(run_dir, 14) and not has_logged(run_dir, 15), "killed after step 16, before its row"
     rows_before = read_jsonl(run_dir / "metrics.jsonl")
 
     out = run_train([*args, "--resume", "auto"], tmp_path).stdout
@@ -72,11 +74,12 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, data_
     intact = sorted(ckpts.glob("ckpt-*"))[0]
     before = tree_digest(intact)
 
-    out = run_train([*args, "--resume", "auto"], tmp_path).stdout
+    out = run_train([*args, "--resume", "auto", "--checkpoint.keep", "3"], tmp_path).stdout  # keep: none pruned
     assert f"resumed from {intact}" in out
     assert not list(ckpts.glob(".tmp-*")), "the partial checkpoint was cleaned up"
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 30
-    assert not intact.exists() or tree_digest(intact) == before  # pruned by keep=2 later, never modified
+    assert checkpoint_steps(run_dir) == [10, 20, 30]
+    assert tree_digest(intact) == before, "the checkpoint resumed from was never modified"
 
 
 def test_damaged_checkpoints_are_named_skipped_and_kept_by_the_trainer(tmp_path, data_dir):
