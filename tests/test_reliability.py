@@ -6,6 +6,7 @@ FASTTRAIN_INJECT_FAULT (fasttrain/distributed.py) only picks the moment: the kil
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -354,4 +355,5 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_a_minute(tmp_path, data_
     out, _ = job.communicate(timeout=120)
     assert job.returncode != 0
     assert time.perf_counter() - t0 < 60, "the surviving rank must not hang"
-    assert "Signals.SIGKILL" in out or "SIGKILL" in out or "exitcode" in out
+    # torchrun's failure report names the killed worker: rank 1, exit code -9.
+    assert re.search(r"rank\s*:\s*1\b.*?exitcode\s*:\s*-9\b", out, re.S), out[-3000:]
