@@ -1,11 +1,14 @@
 """Scale-out, proven with real processes: `accelerate launch` with 2 CPU processes on gloo."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, launch, read_jsonl
+from helpers import REPO, TINY, launch, read_jsonl
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -183,3 +186,54 @@ def test_two_processes_train_repeats_in_one_process_group(tmp_path, data_dir):
         summary = json.loads((root / f"repeat-{i}" / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["steps"] == 10
         assert summary["parameters_agree_across_ranks"] is True
+
+
+_AGREEMENT = """
+import json, sys
+from accelerate import Accelerator
+from accelerate.launchers import debug_launcher
+
+def agree(out_dir):
+    import torch
+    from fasttrain import models
+    from fasttrain.loop.distributed import any_rank, from_main, parameters_agree, per_rank, sum_across_ranks
+
+    acc = Accelerator(cpu=True)
+    rank = acc.process_index
+    torch.manual_seed(0)  # the same weights on both ranks
+    model = models.create("deepcnn", widths=(8, 16), blocks=(1, 1))
+    same = parameters_agree(acc, model)
+    if rank == 1:  # one rank stores its filters channels-last: the same values, another layout
+        model = model.to(memory_format=torch.channels_last)
+    same_values_other_layout = parameters_agree(acc, model)
+    if rank == 1:
+        with torch.no_grad():
+            first = next(model.parameters())
+            first[(0,) * first.ndim] += 1e-6  # one element, one rank
+    drifted = parameters_agree(acc, model)
+    result = {
+        "same": same, "layout": same_values_other_layout, "drifted": drifted,
+        "any": [any_rank(acc, rank == 1), any_rank(acc, False)],
+        "sums": sum_across_ranks(acc, [1.0 + rank, *per_rank(acc, 10.0 * (rank + 1))]),
+        "main": from_main(acc, f"value of rank {rank}"),
+    }
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+debug_launcher(lambda: agree(sys.argv[1]), num_processes=2)
+"""
+
+
+def test_what_ranks_agree_on_is_the_same_on_both_and_sees_one_drifted_parameter(tmp_path):
+    """The helpers behind summary.json's parameters_agree_across_ranks and the loop's agreed stops, in two real
+    gloo processes: a one-element drift on one rank is seen on both; a layout change alone is not a drift."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _AGREEMENT, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1], "every rank gets the same answers"
+    assert (ranks[0]["same"], ranks[0]["layout"], ranks[0]["drifted"]) == (True, True, False)
+    assert ranks[0]["any"] == [True, False]
+    assert ranks[0]["sums"] == [3.0, 10.0, 20.0]  # 1 + 2, then each rank's own slot
+    assert ranks[0]["main"] == "value of rank 0"
