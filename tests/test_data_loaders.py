@@ -495,17 +495,21 @@ def test_single_augmentation_step(loaders, mode, step):
 def test_full_pipeline(loaders, mode, fill):
     train, _ = loaders(mode, flip=True, translate=2, cutout=8, translate_fill=fill, cutout_fill=fill)
     colour = FILL_COLOURS[fill]
-    flips = []
+    flips, shifts = [], set()
     for image, index in samples(epochs_of(train, 2)):
         flipped, dy, dx = geometry(image, index, fills=(colour,))
         assert abs(dy) <= 2 and abs(dx) <= 2
         band = fill_outside_source(dy, dx)
         assert filled(image, colour)[band].all()
+        # Cutout comes after translate, its 8x8 square inside the image: the band (at most 2 px on two sides) can
+        # cover at most 2x8 + 2x8 - 2x2 = 28 of its 64 pixels.
         holes_outside_band = (filled(image, colour) & ~band).sum()
-        assert holes_outside_band <= 64
-        cutout_square(image, band, 8, colour)
+        assert 36 <= holes_outside_band <= 64
+        assert cutout_square(image, band, 8, colour) is not None
         flips.append(flipped)
-    assert 0 < np.mean(flips) < 1
+        shifts.add((dy, dx))
+    assert 0.3 < np.mean(flips) < 0.7
+    assert {dy for dy, _ in shifts} == {dx for _, dx in shifts} == set(range(-2, 3))
 
 
 def test_resident_mode_augmentation_is_reproducible(loaders):
