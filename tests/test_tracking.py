@@ -14,7 +14,7 @@ from helpers import wandb_history, wandb_records, wandb_summary
 
 from fasttrain.errors import ConfigError
 from fasttrain.tracking import EpochTable, MetricsFile, plot_curves, read_metrics, resolve_mode, start_wandb
-from fasttrain.tracking.plots import epoch_rows
+from fasttrain.tracking.plots import curves
 
 FAKE_API_KEY = "f" * 40
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -305,13 +305,27 @@ def test_plot_curves_single_epoch_with_missing_values(tmp_path):
 
 
 def test_the_curves_keep_the_train_figures_of_epochs_not_evaluated():
-    """train.eval_every 2: epoch 1's row has no validation figures, and its train accuracy and loss still count."""
+    """train.eval_every 2: epoch 1's row has no validation figures, and its train accuracy and loss are still drawn;
+    the validation lines have a gap there. Step rows are not drawn."""
     rows = [
-        {"kind": "step", "step": 5, "epoch": 0, "train_acc": 0.2},
-        {"kind": "epoch", "step": 10, "epoch": 1, "train_acc": 0.3, "val_acc": None, "val_loss": None},
-        {"kind": "epoch", "step": 20, "epoch": 2, "train_acc": 0.4, "val_acc": 0.35, "val_loss": 1.9},
+        {"kind": "step", "step": 5, "epoch": 0, "train_acc": 0.2, "train_loss": 2.2},
+        {"kind": "epoch", "step": 10, "epoch": 1, "train_acc": 0.3, "train_loss": 2.0, "val_acc": None},
+        {
+            "kind": "epoch",
+            "step": 20,
+            "epoch": 2,
+            "train_acc": 0.4,
+            "train_loss": 1.8,
+            "val_acc": 0.35,
+            "val_loss": 1.9,
+        },
     ]
-    assert [row["epoch"] for row in epoch_rows(rows)] == [1, 2]
+    drawn = curves(rows)
+    accuracy, loss = drawn["Accuracy"], drawn["Loss"]
+    assert accuracy.keys() == loss.keys() == {"train (running)", "validation"}  # no eval-mode train figures here
+    assert accuracy["train (running)"] == ([1.0, 2.0], [0.3, 0.4]) and loss["train (running)"][1] == [2.0, 1.8]
+    (_, val_acc), (_, val_loss) = accuracy["validation"], loss["validation"]
+    assert math.isnan(val_acc[0]) and val_acc[1] == 0.35 and math.isnan(val_loss[0]) and val_loss[1] == 1.9
 
 
 # --- console table -----------------------------------------------------------------------------------------

@@ -47,12 +47,27 @@ def _as_float(value: Any) -> float:
     return number if math.isfinite(number) else math.nan
 
 
+def curves(rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """What the figure draws: per panel title, per line label, (epochs, values); a value missing or not finite is
+    NaN (a gap), and a line with no value at all is left out."""
+    epochs = epoch_rows(rows)
+    x = [_as_float(row.get("epoch", index + 1)) for index, row in enumerate(epochs)]
+    panels = {}
+    for panel_title, _, series in _PANELS:
+        lines = {}
+        for key, label, _ in series:
+            y = [_as_float(row.get(key)) for row in epochs]
+            if not all(math.isnan(value) for value in y):
+                lines[label] = (x, y)
+        panels[panel_title] = lines
+    return panels
+
+
 def plot_curves(rows: list[dict[str, Any]], out_png: Path, title: str = "") -> Path:
     """Draw train/validation accuracy and loss per epoch from `rows` into `out_png` (replaced atomically)."""
     from matplotlib.figure import Figure
 
-    epochs = epoch_rows(rows)
-    x = [_as_float(row.get("epoch", index + 1)) for index, row in enumerate(epochs)]
+    drawn = curves(rows)
     figure = Figure(figsize=(10, 4), layout="constrained")
     if title:
         figure.suptitle(title)
@@ -61,15 +76,11 @@ def plot_curves(rows: list[dict[str, Any]], out_png: Path, title: str = "") -> P
         axes.set_xlabel("epoch")
         axes.set_ylabel(y_label)
         axes.grid(True, alpha=0.3)
-        drawn = 0
-        for key, label, style in series:
-            y = [_as_float(row.get(key)) for row in epochs]
-            if all(math.isnan(value) for value in y):
-                continue
-            # Markers keep a single epoch (a lone point, no line) visible.
-            axes.plot(x, y, style, marker="o", markersize=3, label=label)
-            drawn += 1
-        if drawn:
+        lines = drawn[panel_title]
+        for _, label, style in series:
+            if label in lines:  # markers keep a single epoch (a lone point, no line) visible
+                axes.plot(*lines[label], style, marker="o", markersize=3, label=label)
+        if lines:
             axes.legend()
         else:
             axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
