@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ACCELERATE, REPO, TRAIN, env_for_tests, read_archive_slice
+from helpers import ACCELERATE, REPO, TRAIN, env_for_tests, read_archive_slice, read_jsonl
 
 from fasttrain.data import betons
 from fasttrain.data.convert import convert, main
@@ -322,13 +322,20 @@ def _train(source: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=_python_env(), timeout=300)
 
 
+def assert_trained_on_the_files(run_dir: Path) -> None:
+    """The run went through the users' images: 10 per class to train (2 steps of 50), 5 per class evaluated."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 10 * TRAIN_PER_CLASS // 50
+    (epoch,) = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert epoch["val_count"] == 10 * TEST_PER_CLASS and 0 <= epoch["val_acc"] <= 1
+
+
 def test_training_on_ffcv_example_files(user_files, tmp_path):
     folder = user_files / "ffcv-example"
     before = snapshot(folder)
     result = _train(pair(folder), tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "finished" and 0 <= summary["val_acc"] <= 1
+    assert_trained_on_the_files(tmp_path / "run")
     # fasttrain's own directory records the files (and, in the resident mode, keeps their decoded copy); the
     # user's folder is untouched
     own = tmp_path / "data" / "cifar_train-betons"
@@ -339,6 +346,7 @@ def test_training_on_ffcv_example_files(user_files, tmp_path):
 def test_training_on_files_with_other_field_names(user_files, tmp_path):
     result = _train(pair(user_files / "renamed"), tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_trained_on_the_files(tmp_path / "run")
 
 
 # ---- per-node conversion ----
