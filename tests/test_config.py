@@ -135,14 +135,15 @@ def test_config_round_trips_through_its_dict():
 
 
 def test_lr_scaling_rules():
-    cfg = build_config(None)
-    t = cfg.train
-    assert scaled_lr(t, 512) == pytest.approx(0.5)
-    assert scaled_lr(t, 1024) == pytest.approx(1.0)
+    """The peak LR for a global batch: lr x batch / lr_ref_batch (linear), x its square root (sqrt), or lr (none)."""
+    t = build_config(None).train
+    t.lr, t.lr_ref_batch = 0.4, 256
+    assert scaled_lr(t, 256) == pytest.approx(0.4)
+    assert scaled_lr(t, 1024) == pytest.approx(0.4 * 4)
     t.lr_scaling = "sqrt"
-    assert scaled_lr(t, 2048) == pytest.approx(1.0)
+    assert scaled_lr(t, 1024) == pytest.approx(0.4 * 2)
     t.lr_scaling = "none"
-    assert scaled_lr(t, 4096) == pytest.approx(0.5)
+    assert scaled_lr(t, 4096) == pytest.approx(0.4)
 
 
 def test_triangular_schedule_peaks_then_reaches_zero():
