@@ -386,10 +386,10 @@ def fit(run: Run) -> int:
             epoch = train_epoch(run, signals)
             if isinstance(epoch, int):
                 return epoch  # interrupted
-            row, stop = end_epoch(run, *epoch, stop_requested=signals.received is not None)
-            if stop:
+            ends = end_epoch(run, *epoch, stop_requested=signals.received is not None)
+            if ends == "stop":
                 return interrupted(run, signals)
-            if t.target_acc is not None and row["val_acc"] is not None and row["val_acc"] >= t.target_acc:
+            if ends == "target":
                 run.report.say(f"target accuracy {t.target_acc} reached at {p.time_to_target_s:.2f} s of training")
                 break
     # Decided from memory, the same on every rank (a look at the directory would race the main process's rename).
@@ -441,7 +441,7 @@ def train_epoch(run: Run, signals: StopSignals) -> tuple[WindowStats, float, int
         else:
             # One process checks its flag every step; several agree on it at log steps and the epoch's end only.
             stop = run.plan.world_size == 1 and stop_requested
-        if stop:
+        if stop and p.step_in_epoch < len(run.train_loader):  # at the last batch, the epoch's end stops instead
             bar.close()
             windows.append(engine.take_window())
             p.train_time_s += time.perf_counter() - t_epoch
@@ -510,12 +510,13 @@ def step_row(run: Run, stats: WindowStats, seconds: float, time_s: float, own_ip
 
 def end_epoch(
     run: Run, stats: WindowStats, seconds: float, last_window_first_step: int, stop_requested: bool
-) -> tuple[dict, bool]:
-    """Count the epoch, evaluate if due, write its metrics row, checkpoint if due; returns the row and whether the
-    ranks stop (a signal; the caller then checkpoints). The epoch's last window (after its last log step) is checked
-    for a non-finite loss, and any rank's stop signal is agreed on, in the epoch's one collective: with several
-    processes the loop agrees on signals only here and at log steps, and an epoch may have fewer steps than
-    train.log_every."""
+) -> str | None:
+    """Count the epoch, evaluate if due, write its metrics row, checkpoint if due. Returns "target" when this epoch
+    reached train.target_acc, "stop" when a rank was asked to stop and the run would otherwise go on (the caller
+    then checkpoints; a run that ends here anyway just ends), else None. The epoch's last window (after its last
+    log step) is checked for a non-finite loss, and any rank's stop signal is agreed on, in the epoch's one
+    collective: with several processes the loop agrees on signals only here and at log steps, and an epoch may have
+    fewer steps than train.log_every."""
     cfg, p, acc = run.cfg, run.progress, run.accelerator
     images, loss_sum, smoothed_sum, correct, stops, *nonfinite = sum_across_ranks(
         acc,
@@ -526,7 +527,7 @@ def end_epoch(
     p.epoch += 1
     p.step_in_epoch = 0
     p.train_time_s += seconds
-    val = train_eval = None
+    target, val, train_eval = cfg.train.target_acc, None, None
     if p.epoch % cfg.train.eval_every == 0 or p.epoch == cfg.train.epochs:
         val = validate(run, tta_level=0)
         if run.train_eval_loader is not None:
@@ -534,13 +535,17 @@ def end_epoch(
         p.last_val = val
         if p.best_val_acc is None or val["acc"] > p.best_val_acc:
             p.best_val_acc = val["acc"]
-        target = cfg.train.target_acc
         if target is not None and p.time_to_target_s is None and val["acc"] >= target:
             p.time_to_target_s = p.train_time_s
     ips = images / seconds if seconds > 0 else 0.0
+
+    def per_image(total: float) -> float:  # no images: resumed from a checkpoint at an epoch's last batch
+        return total / images if images else float("nan")
+
     row = {
         "kind": "epoch", "epoch": p.epoch, "step": p.step, "time_s": p.train_time_s, "lr": run.engine.lr(),
-        "train_loss": loss_sum / images, "train_loss_smoothed": smoothed_sum / images, "train_acc": correct / images,
+        "train_loss": per_image(loss_sum), "train_loss_smoothed": per_image(smoothed_sum),
+        "train_acc": per_image(correct),
         "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
         "val_count": val["count"] if val else None, "images_per_sec": ips,
         "images_per_sec_per_device": ips / run.plan.world_size, "step_time_ms": 1000 * seconds / max(stats.steps, 1),
@@ -550,10 +555,14 @@ def end_epoch(
     if acc.device.type == "cuda":
         row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
     run.report.row(row)
+    if target is not None and val is not None and val["acc"] >= target:
+        ends = "target"
+    else:
+        ends = "stop" if stops > 0 and p.epoch < cfg.train.epochs else None
     every = cfg.checkpoint.every
-    if every and p.epoch % every == 0 and not stops:
+    if every and p.epoch % every == 0 and ends != "stop":  # a stop writes its own checkpoint
         save_checkpoint(run)
-    return row, stops > 0
+    return ends
 
 
 def validate(run: Run, tta_level: int) -> dict:
@@ -574,9 +583,13 @@ def save_checkpoint(run: Run) -> None:
 def interrupted(run: Run, signals: StopSignals) -> int:
     p = run.progress
     signum = signals.received or signal.SIGTERM
+    where = (
+        f"epoch {p.epoch + 1}, step {p.step_in_epoch} of {len(run.train_loader)}"
+        if p.step_in_epoch
+        else f"the end of epoch {p.epoch}"
+    )
     run.report.say(
-        f"\n{signal.Signals(signum).name} received: writing a checkpoint at step {p.step} (epoch {p.epoch + 1}, "
-        f"step {p.step_in_epoch} of {len(run.train_loader)}) and exiting. "
+        f"\n{signal.Signals(signum).name} received: writing a checkpoint at step {p.step} ({where}) and exiting. "
         f"Continue with --resume auto --run.dir {run.run_dir}"
     )
     save_checkpoint(run)

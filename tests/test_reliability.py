@@ -127,6 +127,33 @@ def test_sigint_writes_a_checkpoint_and_says_interrupted(tmp_path, data_dir):
     assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] <= steps[-1]
 
 
+def test_a_stop_at_an_epochs_last_step_checkpoints_its_end_and_one_on_the_target_epoch_lets_the_run_end(
+    tmp_path, data_dir
+):
+    """SIGTERM right after step 10, the last of epoch 1: the checkpoint is the epoch's end, which resumes (a
+    checkpoint taken before the epoch's end resumed into an empty epoch). On the epoch that reaches the target, the
+    same signal lets the run end as it would have."""
+    term_after_step_10 = {"FASTTRAIN_INJECT_FAULT": "step=10,action=term"}
+    run_dir = tmp_path / "r"
+    args = [*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(run_dir)]
+    cut = run_train(args, tmp_path, check=False, env_extra=term_after_step_10)
+    assert cut.returncode == 128 + signal.SIGTERM, cut.stdout[-2000:] + cut.stderr[-2000:]
+    assert "writing a checkpoint at step 10 (the end of epoch 1)" in cut.stdout
+    assert checkpoint_steps(run_dir) == [10]
+    run_train([*args, "--resume", "auto"], tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["steps"], summary["epochs"]) == ("finished", 30, 3)
+    epochs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and all(r["train_loss"] > 0 for r in epochs)
+
+    target_dir = tmp_path / "target"
+    reached = [*FAST, "--data.dir", str(data_dir), "--train.epochs", "3", "--run.dir", str(target_dir)]
+    ended = run_train([*reached, "--train.target_acc", "0.05"], tmp_path, check=False, env_extra=term_after_step_10)
+    assert ended.returncode == 0, ended.stdout[-2000:] + ended.stderr[-2000:]
+    summary = json.loads((target_dir / "summary.json").read_text())
+    assert (summary["status"], summary["epochs"]) == ("finished", 1) and summary["time_to_target_s"] is not None
+
+
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     base = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir)]
