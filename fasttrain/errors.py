@@ -8,7 +8,7 @@ Exit codes, the same for every fasttrain command (the EXIT_* names below; entry 
     errors.
   3 `EXIT_NONFINITE` training stopped on a non-finite loss.
   128 + N (`signal_exit_code`) stopped by signal N (130 Ctrl-C, 143 SIGTERM): during training after writing a
-    checkpoint; at once, without one, on a second signal or on Ctrl-C before training starts.
+    checkpoint; at once on a second signal, or on Ctrl-C outside the training loop.
 
 Every entry point runs through `run_command`, which turns a FasttrainError into one line on stderr,
 `<prog>: error: <message>`, and its exit code, and an interruption into one line and 128 + N.
@@ -70,7 +70,12 @@ def run_command(prog: str, command: Callable[[list[str]], int], argv: Sequence[s
     except FasttrainError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, StopNow) else signal.SIGINT
-        print(f"{prog}: stopped by {signal.Signals(signum).name}, at once: no checkpoint written", file=sys.stderr)
-        return signal_exit_code(signum)
+    except StopNow as e:
+        second = signal.Signals(e.signum).name
+        print(
+            f"{prog}: stopped at once by a second {second}, without the checkpoint the first asked for", file=sys.stderr
+        )
+        return signal_exit_code(e.signum)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted by SIGINT", file=sys.stderr)
+        return signal_exit_code(signal.SIGINT)
