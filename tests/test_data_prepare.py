@@ -147,6 +147,18 @@ def test_ffcv_example_files_are_recorded_and_read_in_place(user_files, tmp_path,
     assert snapshot(folder) == before
 
 
+def test_files_read_in_place_are_hashed_once_each_when_verified(user_files, tmp_path, monkeypatch):
+    from fasttrain.data import manifest as manifest_module
+
+    folder, out = user_files / "ffcv-example", tmp_path / "data"
+    convert(pair(folder), out, progress=False)
+    hashed = []
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    manifest_module.verify(out)
+    assert sorted(hashed) == ["cifar_test.beton", "cifar_train.beton"]
+
+
 def test_folder_source_is_the_same_source_as_its_pair(user_files, tmp_path, capsys):
     folder, out = user_files / "ffcv-example", tmp_path / "data"
     first = convert(str(folder), out, progress=False)

@@ -222,7 +222,9 @@ def test_resume_refuses_a_different_config(tmp_path, data_dir):
 
 
 def test_resume_auto_without_run_dir_takes_the_newest_run_of_that_name_only(tmp_path, monkeypatch):
-    from fasttrain.train import newest_run_dir
+    from accelerate import Accelerator
+
+    from fasttrain.train import make_run_dir, newest_run_dir
 
     monkeypatch.chdir(tmp_path)
     assert newest_run_dir("exp") is None
@@ -232,6 +234,8 @@ def test_resume_auto_without_run_dir_takes_the_newest_run_of_that_name_only(tmp_
         (tmp_path / "runs" / name / "checkpoints").mkdir()
     # exp-long-... is another run's name; exp-20261201-120000 holds repeats (no checkpoints/ of its own).
     assert newest_run_dir("exp") == Path("runs") / "exp-20261201-090000"
+    cfg = load_config(["--config", "cpu_quick", "--run.name", "exp", "--resume", "auto"])
+    assert make_run_dir(cfg, Accelerator(cpu=True)) == Path("runs") / "exp-20261201-090000"
 
 
 def test_no_config_means_resnet9_on_cuda_and_cpu_quick_elsewhere_said_once_per_machine(monkeypatch, capsys):
