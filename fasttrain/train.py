@@ -527,7 +527,7 @@ def end_epoch(
     p.epoch += 1
     p.step_in_epoch = 0
     p.train_time_s += seconds
-    target, val, train_eval = cfg.train.target_acc, None, None
+    target, val, train_eval, reached = cfg.train.target_acc, None, None, False
     if p.epoch % cfg.train.eval_every == 0 or p.epoch == cfg.train.epochs:
         val = validate(run, tta_level=0)
         if run.train_eval_loader is not None:
@@ -535,7 +535,8 @@ def end_epoch(
         p.last_val = val
         if p.best_val_acc is None or val["acc"] > p.best_val_acc:
             p.best_val_acc = val["acc"]
-        if target is not None and p.time_to_target_s is None and val["acc"] >= target:
+        reached = target is not None and val["acc"] >= target
+        if reached and p.time_to_target_s is None:
             p.time_to_target_s = p.train_time_s
     ips = images / seconds if seconds > 0 else 0.0
 
@@ -555,7 +556,7 @@ def end_epoch(
     if acc.device.type == "cuda":
         row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
     run.report.row(row)
-    if target is not None and val is not None and val["acc"] >= target:
+    if reached:
         ends = "target"
     else:
         ends = "stop" if stops > 0 and p.epoch < cfg.train.epochs else None
