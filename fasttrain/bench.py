@@ -50,7 +50,7 @@ import fasttrain
 from fasttrain import models
 from fasttrain.config import Config, DataSection, build_config
 from fasttrain.data.loaders import MODE_ALIASES
-from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, FasttrainError, run_command
+from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, FasttrainError, exit_process, run_command
 from fasttrain.files import dumps, read_json
 from fasttrain.loop.optim import build_schedulers
 from fasttrain.loop.resolve import RunPlan, clamp_workers, configure_backends, make_accelerator, resolve
@@ -747,4 +747,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from fasttrain.errors import EXIT_BAD_INPUT, EXIT_OK, FasttrainError, run_command
+from fasttrain.errors import EXIT_BAD_INPUT, EXIT_OK, FasttrainError, exit_process, run_command
 
 COMMANDS = {
     "train": "fasttrain.train",
@@ -49,5 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("fasttrain", command, argv)
 
 
+def console() -> None:
+    """The `fasttrain` console script."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from fasttrain.config import load_config, parse_overrides
-from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, run_command, signal_exit_code
+from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, exit_process, run_command, signal_exit_code
 from fasttrain.grid.report import (
     CellResult,
     markdown_table,
@@ -261,4 +261,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,14 +11,17 @@ Exit codes, the same for every fasttrain command (the EXIT_* names below; entry 
     checkpoint; at once on a second signal, or on Ctrl-C outside the training loop.
 
 Every entry point runs through `run_command`, which turns a FasttrainError into one line on stderr,
-`<prog>: error: <message>`, and its exit code, and an interruption into one line and 128 + N.
+`<prog>: error: <message>`, and its exit code, and an interruption into one line and 128 + N; a process started as
+a command ends through `exit_process`.
 """
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_TRAINER_FAILED = 1
@@ -79,3 +82,11 @@ def run_command(prog: str, command: Callable[[list[str]], int], argv: Sequence[s
     except KeyboardInterrupt:
         print(f"{prog}: interrupted by SIGINT", file=sys.stderr)
         return signal_exit_code(signal.SIGINT)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a command's process with `code`. Python's shutdown runs several full garbage collections while it tears
+    down modules; after torch's import each walks some 370,000 objects, about 1.2 s of a 2-core VM's CPU at every
+    exit. Everything left is about to go, so freeze it first: the collections skip it."""
+    gc.freeze()
+    sys.exit(code)

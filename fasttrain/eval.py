@@ -4,7 +4,6 @@ final weights (RUN_DIR/model.safetensors) or of a checkpoint, printed and writte
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ import yaml
 
 from fasttrain import models
 from fasttrain.config import Config, build_config
-from fasttrain.errors import EXIT_OK, ConfigError, run_command
+from fasttrain.errors import EXIT_OK, ConfigError, exit_process, run_command
 from fasttrain.files import read_json, write_json
 
 WEIGHTS = "model.safetensors"
@@ -111,4 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -33,7 +33,15 @@ from fasttrain import models
 from fasttrain.config import Config, help_text, load_config
 from fasttrain.data.loaders import build_loaders, build_train_eval_loader
 from fasttrain.data.prepare import prepare_data
-from fasttrain.errors import EXIT_NONFINITE, EXIT_OK, ConfigError, NonFiniteLoss, run_command, signal_exit_code
+from fasttrain.errors import (
+    EXIT_NONFINITE,
+    EXIT_OK,
+    ConfigError,
+    NonFiniteLoss,
+    exit_process,
+    run_command,
+    signal_exit_code,
+)
 from fasttrain.files import write_json
 from fasttrain.loop import checkpoint
 from fasttrain.loop.distributed import (
@@ -701,4 +709,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -53,6 +53,18 @@ def test_console_script_reports_a_bad_input_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_commands_process_ends_with_its_code_its_exit_handlers_run_and_its_objects_frozen(tmp_path):
+    script = (
+        "import atexit, gc, sys\n"
+        "from fasttrain.errors import exit_process\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0, flush=True))\n"
+        "sys.stdout.write('unflushed ')\n"
+        "exit_process(3)\n"
+    )
+    result = run([sys.executable, "-c", script], tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "unflushed frozen True\n", "")
+
+
 def test_train_module_prints_its_help(tmp_path):
     result = run([sys.executable, "-m", "fasttrain.train", "--help"], REPO)
     assert result.returncode == EXIT_OK, result.stderr[-2000:]

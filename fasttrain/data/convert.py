@@ -29,7 +29,6 @@ import io
 import os
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -50,7 +49,7 @@ from fasttrain.data.manifest import (
     verify,
     write_manifest,
 )
-from fasttrain.errors import EXIT_OK, DatasetError, run_command
+from fasttrain.errors import EXIT_OK, DatasetError, exit_process, run_command
 from fasttrain.files import fsync_path
 
 SUBSET_RULE = (
@@ -310,4 +309,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -10,10 +10,9 @@ offline. Every key comes from `wandb_keys`, the table the runs are logged with.
 
 import argparse
 import os
-import sys
 from typing import Any
 
-from fasttrain.errors import EXIT_OK, FasttrainError, run_command
+from fasttrain.errors import EXIT_OK, FasttrainError, exit_process, run_command
 from fasttrain.files import dumps
 from fasttrain.tracking.wandb_keys import EPOCH, LR, ROW_KEYS, SUMMARY_COLUMNS, TRAIN_TIME
 from fasttrain.tracking.wandb_run import DEFAULT_PROJECT
@@ -130,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
