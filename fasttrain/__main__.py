@@ -1,7 +1,5 @@
 """`python -m fasttrain COMMAND ...`, the same as the `fasttrain` command."""
 
-import sys
+from fasttrain.cli import console
 
-from fasttrain.cli import main
-
-sys.exit(main())
+console()

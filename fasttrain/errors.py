@@ -8,7 +8,8 @@ Exit codes, the same for every fasttrain command (the EXIT_* names below; entry 
     errors.
   3 `EXIT_NONFINITE` training stopped on a non-finite loss.
   128 + N (`signal_exit_code`) stopped by signal N (130 Ctrl-C, 143 SIGTERM): during training after writing a
-    checkpoint; at once on a second signal, or on Ctrl-C outside the training loop.
+    checkpoint; at once on a second signal, or on Ctrl-C outside the training loop; 141 (SIGPIPE) quietly, when the
+    reader of a command's output went away (`| head`).
 
 Every entry point runs through `run_command`, which turns a FasttrainError into one line on stderr,
 `<prog>: error: <message>`, and its exit code, and an interruption into one line and 128 + N; a process started as
@@ -17,7 +18,9 @@ a command ends through `exit_process`.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -66,7 +69,8 @@ class NonFiniteLoss(FasttrainError):
 def run_command(prog: str, command: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
     """Run an entry point's `command(argv)` (argv: sys.argv[1:] when None) and return its exit code; a
     FasttrainError becomes one line on stderr, `<prog>: error: <message>`, and its `exit_code`; an interruption
-    (Ctrl-C outside the training loop's own handling, or a second signal) one line and 128 + the signal."""
+    (Ctrl-C outside the training loop's own handling, or a second signal) one line and 128 + the signal; output to a
+    reader that went away (`fasttrain bench ... | head`) ends the command quietly, as SIGPIPE ends a shell's tools."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return command(argv)
@@ -82,6 +86,10 @@ def run_command(prog: str, command: Callable[[list[str]], int], argv: Sequence[s
     except KeyboardInterrupt:
         print(f"{prog}: interrupted by SIGINT", file=sys.stderr)
         return signal_exit_code(signal.SIGINT)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):  # what is still buffered must not fail again at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return signal_exit_code(signal.SIGPIPE)
 
 
 def exit_process(code: int) -> NoReturn:

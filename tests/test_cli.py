@@ -65,6 +65,15 @@ def test_a_commands_process_ends_with_its_code_its_exit_handlers_run_and_its_obj
     assert (result.returncode, result.stdout, result.stderr) == (3, "unflushed frozen True\n", "")
 
 
+def test_output_to_a_reader_that_went_away_ends_quietly_with_sigpipes_code(tmp_path):
+    proc = subprocess.Popen(
+        [FASTTRAIN, "--help"], cwd=tmp_path, env=env_for_tests(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # `fasttrain --help | head -0`: nobody reads
+    _, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stderr) == (128 + signal.SIGPIPE, b"")
+
+
 def test_train_module_prints_its_help(tmp_path):
     result = run([sys.executable, "-m", "fasttrain.train", "--help"], REPO)
     assert result.returncode == EXIT_OK, result.stderr[-2000:]
