@@ -26,6 +26,8 @@ import torch
 from helpers import REPO, read_archive_slice
 from PIL import Image
 
+from fasttrain.data import convert as convert_module
+from fasttrain.data import sources as source_kinds
 from fasttrain.data.convert import convert
 from fasttrain.data.manifest import verify
 from fasttrain.errors import DatasetError
@@ -361,6 +363,26 @@ def test_missing_source_names_the_path(tmp_path):
         convert(str(tmp_path / "nowhere.tar.gz"), tmp_path / "out" / "data", progress=False)
     assert "nowhere.tar.gz" in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_too_little_disk_space_is_refused_before_writing(tmp_path, monkeypatch):
+    """ffcv's writer hangs when a worker fills the disk, so the space is checked first (the reaction is ours to
+    test: disk_usage reports a nearly full disk)."""
+    write_cifar_pickles(tmp_path / "cifar-10-batches-py", np.random.default_rng(0))
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=10**6))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DatasetError, match=r"needs up to \d+ MB free in .*out, and 1 MB are") as error:
+        convert(str(tmp_path / "cifar-10-batches-py"), tmp_path / "out" / "data", progress=False)
+    assert "another disk" in str(error.value)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_the_space_checked_for_is_at_least_what_a_conversion_writes(cifar_slice_dir):
+    manifest = json.loads((cifar_slice_dir / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        same_shape = source_kinds.Split(np.zeros((split["count"], 32, 32, 3), np.uint8), np.zeros(split["count"]))
+        assert split["bytes"] <= convert_module._beton_bytes_at_most(same_shape) <= 2 * split["bytes"]
 
 
 def test_cli_prints_only_the_message_and_exits_2(tmp_path):

@@ -71,16 +71,39 @@ class _ArrayDataset:
         return self.images[i], int(self.labels[i])
 
 
+PAGE_BYTES = 1 << 21  # 2 MiB pages (ffcv's minimum) rather than its 8 MiB default: each worker pads its last page
+
+
+def _writer_count(split: sources.Split) -> int:
+    return max(1, min(8, os.cpu_count() or 1, len(split.labels) // 5000 + 1))
+
+
+def _beton_bytes_at_most(split: sources.Split) -> int:
+    """An upper bound on the size of a split's .beton: raw pixels, a generous allowance for ffcv's per-sample
+    metadata and allocation table, every worker's padded last page, and the header."""
+    per_image = int(np.prod(split.images.shape[1:])) + 128
+    return len(split.labels) * per_image + (_writer_count(split) + 1) * PAGE_BYTES
+
+
+def _check_free_space(folder: Path, dataset: sources.Dataset) -> None:
+    """ffcv's writer hangs, rather than fails, when a worker process runs out of disk: check before writing."""
+    needed = sum(_beton_bytes_at_most(dataset.splits[split]) for split in BETON_NAMES)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DatasetError(
+            f"converting needs up to {needed / 1e6:.0f} MB free in {folder}, and {free / 1e6:.0f} MB are: free "
+            f"some space there, or choose an --out (--data.dir) on another disk"
+        )
+
+
 def _write_beton(path: Path, split: sources.Split, progress: bool) -> None:
     from fasttrain.data.ffcv_compat import DatasetWriter, IntField, RGBImageField
 
-    workers = max(1, min(8, os.cpu_count() or 1, len(split.labels) // 5000 + 1))
-    # 2 MiB pages (ffcv's minimum) rather than its 8 MiB default: each worker pads its last page to full size.
     writer = DatasetWriter(
         str(path),
         {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-        page_size=1 << 21,
-        num_workers=workers,
+        page_size=PAGE_BYTES,
+        num_workers=_writer_count(split),
     )
     quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())  # ffcv's own bar
     with quiet:
@@ -246,6 +269,8 @@ def convert(
     else:
         dataset = sources.load(ref, subset, Path(cache_dir) if cache_dir else None, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if dataset is not None:
+        _check_free_space(out.parent, dataset)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
