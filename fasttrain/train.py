@@ -224,11 +224,6 @@ def train(cfg: Config, argv: list[str]) -> dict:
     d = cfg.data
     train_loader, eval_loader = build_run_loaders(cfg, plan, data_dir, rank=accelerator.process_index)
     steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"train.batch_size: {plan.batch_size_per_device} per process is larger than this rank's "
-            f"{train_loader.num_samples} training images; lower it or use more data"
-        )
 
     model, model_info = build_model(cfg, plan)
     data_init_s = initialise_from_data(model, train_loader)

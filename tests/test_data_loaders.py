@@ -300,6 +300,20 @@ def test_bad_arguments(data_dir, tmp_path):
     build(mode="stream", flip=False, flip_mode="alternating")  # the option does nothing without flips: allowed
 
 
+# The stream loader shards only inside a process group; the resident loader shows the per-process share.
+@pytest.mark.parametrize(("mode", "world_size"), [("resident", 2), ("stream", 1)])
+def test_a_batch_larger_than_each_processs_share_is_refused(data_dir, mode, world_size):
+    from fasttrain.data.loaders import build_loaders
+
+    share = -(-N_TRAIN // world_size)
+    options = dict(mode=mode, eval_batch_size=4, workers=1, device="cpu", world_size=world_size)
+    options["distributed"] = world_size > 1
+    with pytest.raises(ConfigError, match=f"batch size {share + 1} per process is larger than the {share} training"):
+        build_loaders(data_dir, batch_size=share + 1, **options)
+    train, _ = build_loaders(data_dir, batch_size=share, **options)
+    assert len(train) == 1
+
+
 def test_measure_loader(loaders):
     from fasttrain.data.throughput import measure_loader
 

@@ -224,7 +224,7 @@ def build_loaders(
             world_size=world_size,
             channels_last=channels_last,
         )
-        return train, evaluation
+        return refuse_empty_epochs(train, batch_size, world_size), evaluation
 
     from fasttrain.data.decoded import read_split
     from fasttrain.data.resident import ResidentEvalLoader, ResidentTrainLoader, read_beton
@@ -254,4 +254,17 @@ def build_loaders(
         world_size=world_size,
         channels_last=channels_last,
     )
-    return train, evaluation
+    return refuse_empty_epochs(train, batch_size, world_size), evaluation
+
+
+def refuse_empty_epochs(train: TrainLoader, batch_size: int, world_size: int) -> TrainLoader:
+    """`train`, unless an epoch of it has no batch: a loop over it would never step."""
+    if len(train) == 0:
+        per_process = -(-train.dataset_size // world_size)  # each rank's shard, padded to the same length
+        over = f" over {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(
+            f"batch size {batch_size} per process is larger than the {per_process} training images each process "
+            f"gets ({train.dataset_size} in the training split{over}); lower it (train.batch_size, or bench's "
+            f"--batch-size) or use more data"
+        )
+    return train
