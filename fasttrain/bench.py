@@ -116,7 +116,10 @@ def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is visible here; use --device cpu")
     return device
@@ -523,6 +526,8 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         run_dir = args.run_dir or tempfile.mkdtemp(prefix="fasttrain-e2e-")
         extra = ["--run.dir", str(run_dir), *extra]
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BenchError(f"--run-dir {run_dir} is a file, not a directory; choose another --run-dir")
     if args.launcher == "accelerate":
         launcher = [
             sys.executable,

@@ -117,6 +117,22 @@ def test_bad_option_is_a_clear_error_without_json(capfd):
     assert out == "" and "fp16 needs a CUDA device" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["step", *TINY_MODEL, "--device", "cuda:x"], "--device cuda:x: not a device name; use cpu, cuda or cuda:N"),
+        (["e2e", "--run-dir", "{tmp}/a-file"], "--run-dir {tmp}/a-file is a file, not a directory"),
+    ],
+)
+def test_bad_device_or_run_dir_is_a_clear_error_without_json(argv, message, tmp_path, capfd):
+    from fasttrain.bench import main
+
+    (tmp_path / "a-file").write_text("")
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
 def test_loader_times_both_modes_after_the_warm_up(data_dir):
     _, result = bench(
         "loader", "--data", str(data_dir), "--mode", "both", "--batch-size", "64", "--workers", "1", "--epochs", "2",
