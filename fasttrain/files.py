@@ -1,4 +1,5 @@
-"""Durable, all-or-nothing file writes, and the one JSON policy every fasttrain file follows.
+"""Durable, all-or-nothing file writes, how a failed write is recognised, and the one JSON policy every fasttrain
+file follows.
 
 JSON: non-finite floats are written as the strings "NaN", "Infinity" and "-Infinity" (the spelling wandb uses), so
 every file is strict JSON that any tool can parse and a diverged loss is not confused with a missing value;
@@ -108,3 +109,20 @@ def read_json(path: Path) -> Any:
 def write_json(path: Path, value: Any, indent: int = 1) -> None:
     """Write `value` as strict JSON (see the module docstring) to `path`, durably and all at once."""
     write_text(path, dumps(value, indent=indent) + "\n")
+
+
+# A full disk, as the writers below fasttrain report it: safetensors says "I/O error", torch's zip writer (torch.save)
+# fails an internal check.
+_WRITE_FAILURE_TEXT = ("I/O error", "PytorchStreamWriter", "inline_container")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether `error` is a file write that failed (a full disk, a read-only file system...), whoever raised it."""
+    return isinstance(error, OSError) or any(text in str(error) for text in _WRITE_FAILURE_TEXT)
+
+
+def write_failure_reason(error: BaseException) -> str:
+    """What a failed write says, in a few words: "No space left on device (path)" for an OSError."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__

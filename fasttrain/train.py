@@ -37,12 +37,13 @@ from fasttrain.errors import (
     EXIT_NONFINITE,
     EXIT_OK,
     ConfigError,
+    FasttrainError,
     NonFiniteLoss,
     exit_process,
     run_command,
     signal_exit_code,
 )
-from fasttrain.files import write_json
+from fasttrain.files import is_write_failure, write_failure_reason, write_json
 from fasttrain.loop import checkpoint
 from fasttrain.loop.distributed import (
     StopSignals,
@@ -314,13 +315,12 @@ def train(cfg: Config, argv: list[str]) -> dict:
         total_time_s=data_init_s + progress.train_time_s + summary["final_eval_s"],
         wall_time_s=time.perf_counter() - t_start,
     )  # fmt: skip
-    model_file = save_final_model(run) if exit_code == 0 else None
-    report.finish(summary, model_file, title=f"{cfg.model['name']} - {run_dir.name}")
     if exit_code == 0:
         say(
             f"final: val_acc {summary['val_acc']:.4f}, TTA level {t.tta_level} {summary['tta_acc']:.4f}, "
             f"{summary['train_time_s']:.2f} s training, {summary['images_per_sec'] or 0:.0f} images/s"
         )
+    write_outputs(run, summary, exit_code)
     say(f"outputs in {run_dir}: metrics.jsonl summary.json curves.png model.safetensors checkpoints/")
     # Every rank leaves together: a launcher stops the other processes as soon as one exits non-zero (exit 3, 143),
     # which would cut the main process's summary short. Safe: every way out of `fit` is agreed across ranks.
@@ -605,6 +605,20 @@ def save_final_model(run: Run) -> Path | None:
     run.accelerator.wait_for_everyone()
     run.accelerator.save_model(run.engine.model, run.run_dir, safe_serialization=True)
     return run.run_dir / "model.safetensors"
+
+
+def write_outputs(run: Run, summary: dict, exit_code: int) -> None:
+    """model.safetensors (of a finished run), summary.json and curves.png; a failed write is named in one line."""
+    try:
+        model_file = save_final_model(run) if exit_code == 0 else None
+        run.report.finish(summary, model_file, title=f"{run.cfg.model['name']} - {run.run_dir.name}")
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise FasttrainError(
+            f"could not write the run's outputs in {run.run_dir}: {write_failure_reason(e)}; free disk space or "
+            f"choose another --run.dir, then run again (--resume auto continues from the newest checkpoint)"
+        ) from None
 
 
 def finish(run: Run, exit_code: int, model_info: dict) -> dict:

@@ -296,6 +296,41 @@ def test_disk_full_at_save_time_keeps_the_previous_checkpoint(tmp_path, data_dir
     assert tree_digest(previous) == digest and not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 
+def test_disk_full_when_the_run_ends_names_the_failed_write_after_the_final_figures(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    args = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "1"]
+    args += ["--checkpoint.every", "0", "--checkpoint.final", "false"]  # the final weights are the first large file
+
+    def small_disk():  # the final model.safetensors (about 20 kB) cannot be written; metrics rows can
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    proc = start_train(args, tmp_path, preexec_fn=small_disk)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    final, error = out.index("final: val_acc"), out.index(f"could not write the run's outputs in {run_dir}: ")
+    error_line = out[error:].splitlines()[0]
+    assert final < error and "File too large" in error_line and "--resume auto" in error_line
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) >= 1, "what was written before is kept"
+
+
+def test_torch_saves_failed_write_is_recognised_as_one(tmp_path):
+    """torch.save (an optimiser's state in a checkpoint) reports a full disk through its zip writer, not OSError."""
+    script = (
+        "import torch\n"
+        "from fasttrain.files import is_write_failure, write_failure_reason\n"
+        "try:\n"
+        "    torch.save(torch.zeros(100_000), 'state.bin')\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, is_write_failure(e), write_failure_reason(e))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[1] == "True", proc.stdout  # torch 2.14: "RuntimeError True [enforce fail at ...]"
+
+
 def test_wandb_unreachable_falls_back_to_offline_once(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40}

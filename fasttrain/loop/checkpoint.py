@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttrain.errors import ConfigError, FasttrainError
-from fasttrain.files import fsync_path, fsync_tree, read_json, write_json
+from fasttrain.files import fsync_path, fsync_tree, is_write_failure, read_json, write_failure_reason, write_json
 from fasttrain.loop.distributed import inject_fault
 
 META = "meta.json"
@@ -110,16 +110,14 @@ def save(accelerator, ckpt_root: Path, progress: Progress, config: dict[str, Any
         os.replace(tmp, final)
         fsync_path(ckpt_root)
     except Exception as e:
-        # safetensors reports a full disk as its own error type, not OSError: recognise both.
-        if not (isinstance(e, OSError) or "I/O error" in str(e)):
+        if not is_write_failure(e):
             raise
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = newest_intact(ckpt_root)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no intact earlier checkpoint exists"
-        reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
         raise FasttrainError(
-            f"could not write checkpoint {final}: {reason}; {kept}. "
+            f"could not write checkpoint {final}: {write_failure_reason(e)}; {kept}. "
             f"Free disk space or choose another --run.dir, then continue with --resume auto"
         ) from None
     prune(ckpt_root, keep)
