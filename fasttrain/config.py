@@ -230,7 +230,7 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
             return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
-        except ValueError:
+        except (TypeError, ValueError):  # TypeError: a YAML null, list or mapping
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if annotation is float:
         if isinstance(value, bool):
@@ -314,14 +314,26 @@ def resolve_recipe(path_or_name: str):
     )
 
 
-def load_yaml(path) -> dict[str, dict[str, Any]]:
+def _read_text(path) -> str:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+def load_yaml(path) -> dict[str, dict[str, Any]]:
+    """A recipe's sections. Keys become strings: YAML reads `1:` as an int, which is an unknown key like any other."""
+    try:
+        data = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"{path}: expected sections of key: value pairs (run:, data:, model:, train:, ...)")
-    return data
+    return {str(section): {str(key): value for key, value in values.items()} for section, values in data.items()}
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str, str]]]:
@@ -394,6 +406,8 @@ def _check_model(cfg: Config) -> None:
     name = cfg.model.get("name")
     if name is None:
         raise ConfigError(f"model.name is missing. Models: {', '.join(models.names())}")
+    if not isinstance(name, str):
+        raise ConfigError(f"model.name: expected one model name, got {name!r}. Models: {', '.join(models.names())}")
     try:
         name = models.canonical_name(name)  # a former name (resnet9) is reported under the current one
     except ConfigError:
@@ -416,9 +430,43 @@ def _check_model(cfg: Config) -> None:
     assign_params(model, cfg.param_groups)  # every pattern matches, no parameter in two groups
 
 
+MAX_SEED = 2**32 - 1  # accelerate's set_seed seeds numpy's legacy generator, which refuses larger seeds
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def _check_lr_peak_epoch(key: str, peak: float, epochs: int) -> None:
+    _require(peak >= 0, key, f"must be >= 0 (0: start at the peak), got {peak}")
+    fix = f"pass --{key} N with N <= {epochs}, or more --train.epochs"
+    _require(peak <= epochs, key, f"{peak} is past the last epoch (train.epochs={epochs}): {fix}")
+
+
+def _check_seeds(run: RunSection) -> None:
+    """Repeat i trains with seed + i, so the last repeat's seed must still be one numpy takes."""
+    highest = MAX_SEED - (run.repeats - 1)
+    why = f" (run.repeats {run.repeats} uses seeds seed .. seed+{run.repeats - 1})" if run.repeats > 1 else ""
+    _require(0 <= run.seed <= highest, "run.seed", f"must be in [0, {highest}]{why}, got {run.seed}")
+
+
+def _check_group(name: str, group: ParamGroup, t: TrainSection) -> None:
+    """One param_groups entry; unset (None) settings take train's, which validate checks."""
+    key = f"param_groups.{name}"
+    _require(bool(group.params), f"{key}.params", "needs at least one name pattern, e.g. ['*conv*.weight']")
+    for setting in ("lr", "momentum", "weight_decay", "lr_peak_epoch", "end_epoch"):
+        value = getattr(group, setting)
+        _require(value is None or math.isfinite(value), f"{key}.{setting}", f"must be a finite number, got {value}")
+    _require(group.lr is None or group.lr >= 0, f"{key}.lr", f"must be >= 0, got {group.lr}")
+    wd, momentum = group.weight_decay, group.momentum
+    _require(wd is None or wd >= 0, f"{key}.weight_decay", f"must be >= 0, got {wd}")
+    _require(momentum is None or 0 <= momentum < 1, f"{key}.momentum", f"must be in [0, 1), got {momentum}")
+    if group.lr_peak_epoch is not None:
+        _check_lr_peak_epoch(f"{key}.lr_peak_epoch", group.lr_peak_epoch, t.epochs)
+    optimizer = group.optimizer or t.optimizer
+    _require(not group.nesterov or optimizer != "adamw", f"{key}.nesterov", "applies to sgd and muon only")
+    _require(group.end_epoch is None or group.end_epoch > 0, f"{key}.end_epoch", f"must be > 0, got {group.end_epoch}")
 
 
 def validate(cfg: Config) -> None:
@@ -433,7 +481,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
     _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
-    _require(0 <= t.lr_peak_epoch <= t.epochs, "train.lr_peak_epoch", f"must be in [0, epochs={t.epochs}]")
+    _check_lr_peak_epoch("train.lr_peak_epoch", t.lr_peak_epoch, t.epochs)
     _require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or none")
     _require(
         t.target_acc is None or 0 < t.target_acc <= 1,
@@ -444,15 +492,9 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.tta_level <= 2, "train.tta_level", f"is 0, 1 or 2, got {t.tta_level}")
     _require(t.eval_train_images >= 0, "train.eval_train_images", f"must be >= 0, got {t.eval_train_images}")
     _require(cfg.run.repeats >= 1, "run.repeats", f"must be >= 1, got {cfg.run.repeats}")
+    _check_seeds(cfg.run)
     for name, group in cfg.param_groups.items():
-        key = f"param_groups.{name}"
-        _require(bool(group.params), f"{key}.params", "needs at least one name pattern, e.g. ['*conv*.weight']")
-        _require(group.lr is None or group.lr >= 0, f"{key}.lr", f"must be >= 0, got {group.lr}")
-        _require(group.weight_decay is None or group.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
-        _require(group.momentum is None or 0 <= group.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
-        optimizer = group.optimizer or t.optimizer
-        _require(not group.nesterov or optimizer != "adamw", f"{key}.nesterov", "applies to sgd and muon only")
-        _require(group.end_epoch is None or group.end_epoch > 0, f"{key}.end_epoch", "must be > 0")
+        _check_group(name, group, t)
     _require(d.workers >= 1, "data.workers", f"must be >= 1, got {d.workers}")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
     _require(0 <= d.translate <= 8, "data.translate", f"must be in [0, 8] pixels, got {d.translate}")

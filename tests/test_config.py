@@ -192,3 +192,74 @@ def test_adamw_groups_of_one_optimiser_keep_their_own_beta1():
         load_config(
             ["--config", "deepcnn", "--train.optimizer", "adamw", *groups, "--param_groups.head.nesterov", "true"]
         )
+
+
+@pytest.mark.parametrize(
+    "recipe_bytes, words",
+    [
+        (b"train: {epochs: }\n", ["train.epochs", "expected an integer", "None"]),
+        (b"train: {epochs: [1, 2]}\n", ["train.epochs", "expected an integer", "[1, 2]"]),
+        (b"train: {1: 2}\n", ["unknown key 'train.1'", "Valid keys"]),
+        (b"1: {a: b}\n", ["unknown section '1'", "Valid sections"]),
+        (b"param_groups: {1: {params: ['nothing*']}}\n", ["param_groups.1", "nothing*", "matches no"]),
+        (b"run: {name: caf\xe9}\n", ["not UTF-8 text", "0xe9", "save it as UTF-8"]),
+        (b"model: {name: [deepcnn]}\n", ["model.name", "['deepcnn']", "deepcnn"]),
+    ],
+)
+def test_recipe_of_wrong_types_or_encoding_is_one_config_error(tmp_path, recipe_bytes, words):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(recipe_bytes)
+    with pytest.raises(ConfigError) as err:
+        load_config(["--config", str(recipe)])
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--run.seed", "-1"], ["run.seed", "[0, 4294967295]", "got -1"]),
+        (["--run.seed", "99999999999"], ["run.seed", "[0, 4294967295]", "got 99999999999"]),
+        (["--run.seed", str(2**32 - 2), "--run.repeats", "3"], ["run.seed", "[0, 4294967293]", "seed+2"]),
+    ],
+)
+def test_seeds_outside_numpys_range_are_refused(argv, words):
+    """Repeat i trains with seed + i, and accelerate's set_seed hands each to numpy, which takes 0 .. 2**32 - 1."""
+    with pytest.raises(ConfigError) as err:
+        load_config(argv)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_the_highest_seeds_numpy_takes_are_accepted():
+    assert load_config(["--run.seed", str(2**32 - 1)]).run.seed == 2**32 - 1
+    assert load_config(["--run.seed", str(2**32 - 3), "--run.repeats", "3"]).run.seed == 2**32 - 3
+
+
+def test_lr_peak_epoch_past_the_epochs_says_its_value_and_the_fix():
+    with pytest.raises(ConfigError) as err:
+        load_config(["--config", "resnet9", "--train.epochs", "1"])
+    message = str(err.value)
+    assert "train.lr_peak_epoch: 5.0 is past the last epoch (train.epochs=1)" in message
+    assert "--train.lr_peak_epoch N with N <= 1" in message
+
+
+@pytest.mark.parametrize(
+    "setting, value, words",
+    [
+        ("lr", "inf", ["param_groups.head.lr", "finite", "inf"]),
+        ("lr", "nan", ["param_groups.head.lr", "finite", "nan"]),
+        ("momentum", "nan", ["param_groups.head.momentum", "finite"]),
+        ("weight_decay", "inf", ["param_groups.head.weight_decay", "finite"]),
+        ("end_epoch", "inf", ["param_groups.head.end_epoch", "finite"]),
+        ("lr_peak_epoch", "-1", ["param_groups.head.lr_peak_epoch", ">= 0", "got -1.0"]),
+        ("lr_peak_epoch", "nan", ["param_groups.head.lr_peak_epoch", "finite"]),
+        ("lr_peak_epoch", "31", ["param_groups.head.lr_peak_epoch", "train.epochs=30", "N <= 30"]),
+    ],
+)
+def test_param_group_settings_must_be_finite_and_in_range(setting, value, words):
+    head = ["--param_groups.head.params", "head.*", f"--param_groups.head.{setting}", value]
+    with pytest.raises(ConfigError) as err:
+        load_config(["--config", "deepcnn", *head])
+    for word in words:
+        assert word in str(err.value)

@@ -261,6 +261,12 @@ def test_unknown_model_name_lists_the_choices() -> None:
         describe("resnet1000")
 
 
+def test_a_model_name_that_is_not_a_string_is_a_config_error() -> None:
+    """A YAML recipe's `name: [deepcnn]` is a list: unhashable, so the name lookup itself must not raise TypeError."""
+    with pytest.raises(ConfigError, match="a model name is a string, got \\['deepcnn'\\]"):
+        canonical_name(["deepcnn"])
+
+
 def test_unknown_argument_is_named_with_the_valid_ones() -> None:
     with pytest.raises(ConfigError) as error:
         create("deepcnn", widht=(8,))

@@ -76,6 +76,8 @@ def former_names() -> dict[str, str]:
 
 def canonical_name(name: str) -> str:
     """The current name of model `name` (itself, or the model a former name stands for)."""
+    if not isinstance(name, str):  # a YAML list or mapping, say: unhashable, and never a model's name
+        raise ConfigError(f"a model name is a string, got {name!r}; choose one of: {', '.join(names())}")
     current = _FORMER_NAMES.get(name, name)
     if current not in _BUILDERS:
         raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
