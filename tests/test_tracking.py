@@ -3,6 +3,7 @@ metrics log, learning-curve plots and the console table."""
 
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import wandb_history, wandb_records, wandb_summary
 
-from fasttrain.errors import ConfigError
+from fasttrain.errors import ConfigError, FasttrainError
 from fasttrain.tracking import EpochTable, MetricsFile, plot_curves, read_metrics, resolve_mode, start_wandb
 from fasttrain.tracking.plots import curves
 
@@ -263,10 +264,19 @@ def test_metrics_file_resume_drops_rows_after_the_checkpoint(tmp_path):
     assert read_metrics(tmp_path / "fresh.jsonl") == [{"step": 4}]
 
 
-def test_read_metrics_rejects_damage_before_the_last_line(tmp_path):
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (b'{"step": 0}\n{"step": 1, "x\n{"step": 2}\n', "line 2 is not a JSON object"),
+        (b'{"step": 0}\n[1, 2]\n', "line 2 is not a JSON object"),
+        (b'{"step": 0}\n{"note": "caf\xe9"}\n', "byte 25 is not UTF-8 text"),
+    ],
+)
+def test_read_metrics_names_damage_before_the_last_line_and_the_fix(tmp_path, content, what):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 0}\n{"step": 1, "x\n{"step": 2}\n')
-    with pytest.raises(ValueError, match=":2:"):
+    path.write_bytes(content)
+    message = f"{path} is damaged: {what}; delete that line, or move the file aside"
+    with pytest.raises(FasttrainError, match=re.escape(message)):
         read_metrics(path)
 
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from fasttrain.errors import FasttrainError
 from fasttrain.files import dumps, from_json_safe, replacing
 from fasttrain.loop.distributed import inject_fault
 
@@ -22,18 +23,31 @@ def encode_row(row: dict[str, Any]) -> str:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All rows of a metrics file. A cut-off last line (a crash mid-write) is skipped; damage elsewhere raises."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise _damaged(path, f"byte {e.start} is not UTF-8 text") from None
     rows: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rows.append(from_json_safe(json.loads(line)))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            raise ValueError(f"{path}:{number}: not a JSON object; the metrics file is damaged") from None
+            row = None
+        if not isinstance(row, dict):
+            raise _damaged(path, f"line {number} is not a JSON object")
+        rows.append(from_json_safe(row))
     return rows
+
+
+def _damaged(path: Path, what: str) -> FasttrainError:
+    return FasttrainError(
+        f"{path} is damaged: {what}; delete that line, or move the file aside (a resumed run then starts a new "
+        f"one), and run again"
+    )
 
 
 def _logged_after(row: dict[str, Any], resume_step: int) -> bool:
