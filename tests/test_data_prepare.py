@@ -396,9 +396,11 @@ def test_existing_data_needs_no_lock(user_files, tmp_path):
     assert convert_once(DataSection(source="unused", dir=str(out)), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     (tmp_path / "a-file").write_text("")
-    unwritable = conversion_lock(tmp_path / "a-file" / "data")
-    with pytest.raises(DatasetError, match="cannot create the conversion lock .*; choose a writable --data.dir"):
-        unwritable.__enter__()
+    under_a_file = conversion_lock(tmp_path / "a-file" / "data")
+    with pytest.raises(
+        DatasetError, match="a-file/data: .*a-file is a file, not a directory; choose another --data.dir"
+    ):
+        under_a_file.__enter__()
 
 
 def _free_port() -> int:

@@ -48,6 +48,11 @@ def conversion_lock(data_dir: Path) -> Iterator[Path]:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        folders = [lock_path.parent, *lock_path.parent.parents]
+        if file := next((p for p in folders if p.exists() and not p.is_dir()), None):
+            raise DatasetError(
+                f"--data.dir {data_dir}: {file} is a file, not a directory; choose another --data.dir"
+            ) from None
         raise DatasetError(
             f"cannot create the conversion lock {lock_path} ({e.strerror}); choose a writable --data.dir"
         ) from None
