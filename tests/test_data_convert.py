@@ -509,3 +509,22 @@ def test_verify_missing_directory_and_manifest(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="manifest.json is missing"):
         verify(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"splits": {"train": 5}},
+        {"source": "x"},
+        {"field_names": ["image", "label"]},
+        [1, 2],
+    ],
+)
+def test_a_hand_edited_manifest_of_the_wrong_shape_is_named(converted, tmp_path, edit):
+    copy = tmp_path / "data"
+    shutil.copytree(converted["pickle-folder"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest = {**manifest, **edit} if isinstance(edit, dict) else edit
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="manifest.json is not a fasttrain manifest; reconvert with"):
+        verify(copy)

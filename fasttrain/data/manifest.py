@@ -78,12 +78,20 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
             f"{path} is unreadable ({e}); reconvert with "
             f"`{convert_command('cifar10', data_dir, force=True)}` (or --source PATH for a local copy)"
         ) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+    if not _has_manifest_shape(manifest):
         raise DatasetError(
             f"{path} is not a fasttrain manifest; reconvert with "
             f"`{convert_command('cifar10', data_dir, force=True)}` (or --source PATH for a local copy)"
         )
     return manifest
+
+
+def _has_manifest_shape(manifest: Any) -> bool:
+    """An object whose parts the readers below look into are objects too (a hand edit may break that)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        return False
+    parts = [*manifest["splits"].values(), manifest.get("source", {}), manifest.get("field_names", {})]
+    return all(isinstance(part, dict) for part in parts)
 
 
 def _recreate_command(data_dir: Path, manifest: dict[str, Any]) -> str:
