@@ -11,33 +11,57 @@ import yaml
 
 from fasttrain import models
 from fasttrain.config import Config, build_config
-from fasttrain.errors import EXIT_OK, ConfigError, exit_process, run_command
+from fasttrain.errors import EXIT_OK, ConfigError, DatasetError, FasttrainError, exit_process, run_command
 from fasttrain.files import read_json, write_json
 
 WEIGHTS = "model.safetensors"
 
 
-def saved_config(target: Path) -> dict:
-    """The configuration a run directory (config.yaml) or a checkpoint (meta.json) was trained with."""
-    if (target / "meta.json").is_file():
-        try:
-            return read_json(target / "meta.json")["config"]
-        except (ValueError, KeyError):
-            raise ConfigError(f"{target / 'meta.json'} is damaged (no configuration in it)") from None
-    if (target / "config.yaml").is_file():
-        try:
-            return yaml.safe_load((target / "config.yaml").read_text())
-        except yaml.YAMLError:
-            raise ConfigError(f"{target / 'config.yaml'} is not valid YAML") from None
+def saved_config_file(target: Path) -> Path:
+    """Where the configuration a run directory (config.yaml) or a checkpoint (meta.json) was trained with is."""
+    for name in ("meta.json", "config.yaml"):
+        if (target / name).is_file():
+            return target / name
     raise ConfigError(f"{target} is neither a run directory (config.yaml) nor a checkpoint (meta.json)")
 
 
-def config_for(saved: dict, overrides: list[tuple[str, str, str]]) -> Config:
-    """A Config from a saved one (as written by Config.to_dict), with command-line overrides."""
-    flat = [(section, key, value) for section, values in saved.items() for key, value in (values or {}).items()]
+def _damaged(path: Path, problem: str) -> ConfigError:
+    instead = "the run directory or another checkpoint" if path.name == "meta.json" else "one of its checkpoints/ckpt-*"
+    return ConfigError(f"{path} is damaged ({problem}); restore it, or evaluate {instead} instead")
+
+
+def _read_config_file(path: Path) -> object:
+    try:
+        if path.suffix == ".json":
+            return read_json(path)["config"]
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise _damaged(path, "not UTF-8 text") from None
+    except (ValueError, yaml.YAMLError):
+        raise _damaged(path, "not valid JSON" if path.suffix == ".json" else "not valid YAML") from None
+    except (KeyError, TypeError):
+        raise _damaged(path, "no configuration in it") from None
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror})") from None
+
+
+def saved_config(path: Path) -> dict:
+    """The configuration in `path` (see saved_config_file): sections of settings, as Config.to_dict writes them."""
+    saved = _read_config_file(path)
+    if not isinstance(saved, dict) or not saved or not all(isinstance(v, dict) for v in saved.values()):
+        raise _damaged(path, "expected sections of settings, e.g. model: {name: ...}")
+    return saved
+
+
+def config_for(saved: dict, source: Path, overrides: list[tuple[str, str, str]]) -> Config:
+    """A Config from a saved one (as written by Config.to_dict, read from `source`), with command-line overrides."""
+    flat = [(section, key, value) for section, values in saved.items() for key, value in values.items()]
     flat = [(s, k, v) for s, k, v in flat if s != "param_groups"]  # optimiser settings do not matter here
     flat.sort(key=lambda item: item[:2] != ("model", "name"))  # the model first: naming it resets its arguments
-    return build_config(None, [*flat, *overrides])
+    try:
+        return build_config(None, [*flat, *overrides])
+    except ConfigError as e:  # the command line's own values are checked before: the file is at fault
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -56,7 +80,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise ConfigError(f"{path} holds the weights of another model than its config describes") from None
 
 
-def command(argv: list[str]) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fasttrain eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="a run directory (with model.safetensors) or a checkpoint directory")
     parser.add_argument("--tta-level", type=int, choices=[0, 1, 2], default=None, help="default: the run's")
@@ -66,10 +90,41 @@ def command(argv: list[str]) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch size")
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
 
-    from fasttrain.data.loaders import build_loaders
+
+def checked_data_dir(cfg: Config) -> Path:
+    """The run's data set (or --data-dir's), verified. A relative data.dir is relative to the directory the
+    trainer ran in, which need not be this one."""
     from fasttrain.data.manifest import verify
     from fasttrain.data.prepare import data_dir_for
+
+    data_dir = data_dir_for(cfg.data)
+    if not data_dir.is_dir():
+        relative = "" if data_dir.is_absolute() else f" (relative to {Path.cwd()})"
+        raise DatasetError(
+            f"no data set at {data_dir}{relative}: pass --data-dir DIR, the converted data set the run was trained on"
+        )
+    verify(data_dir)
+    return data_dir
+
+
+def write_report(path: Path, report: dict) -> None:
+    try:
+        write_json(path, report)
+    except OSError as e:
+        raise FasttrainError(
+            f"cannot write {path} ({e.strerror}); the accuracy printed above is not saved: make {path.parent} "
+            "writable, or evaluate a copy of it"
+        ) from None
+
+
+def command(argv: list[str]) -> int:
+    args = parse_args(argv)
+
+    from fasttrain.data.loaders import build_loaders
     from fasttrain.loop.evaluate import evaluate
     from fasttrain.loop.resolve import make_accelerator, resolve
 
@@ -79,15 +134,15 @@ def command(argv: list[str]) -> int:
         overrides.append(("data", "dir", args.data_dir))
     if args.batch_size:
         overrides.append(("data", "eval_batch_size", str(args.batch_size)))
-    cfg = config_for(saved_config(target), overrides)
+    config_file = saved_config_file(target)
+    cfg = config_for(saved_config(config_file), config_file, overrides)
     level = cfg.train.tta_level if args.tta_level is None else args.tta_level
     model = models.create(cfg.model["name"], **{k: v for k, v in cfg.model.items() if k != "name"})
     load_weights(model, target / WEIGHTS)
 
     accelerator, _ = make_accelerator(cfg)
     plan = resolve(cfg, accelerator)
-    data_dir = data_dir_for(cfg.data)
-    verify(data_dir)
+    data_dir = checked_data_dir(cfg)
     _, eval_loader = build_loaders(
         data_dir, mode="resident", batch_size=1, eval_batch_size=cfg.data.eval_batch_size, workers=plan.workers,
         device=accelerator.device, channels_last=plan.channels_last,
@@ -96,12 +151,15 @@ def command(argv: list[str]) -> int:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device).eval()
     result = evaluate(model, eval_loader, accelerator, tta_level=level)
+    # Printed before the file is written, so a write that fails loses nothing.
+    print(f"{target}: test accuracy {result['acc']:.4f} (TTA level {level}, {result['count']} images), "
+          f"loss {result['loss']:.4f}", flush=True)  # fmt: skip
     report = {"target": str(target), "tta_level": level, "acc": result["acc"], "loss": result["loss"],
               "count": result["count"], "model": cfg.model["name"], "data_dir": str(data_dir),
               "mixed_precision": plan.mixed_precision, "device": plan.device_name}  # fmt: skip
-    write_json(target / f"eval-tta{level}.json", report)
-    print(f"{target}: test accuracy {result['acc']:.4f} (TTA level {level}, {result['count']} images), "
-          f"loss {result['loss']:.4f}; written to {target / f'eval-tta{level}.json'}")  # fmt: skip
+    report_path = target / f"eval-tta{level}.json"
+    write_report(report_path, report)
+    print(f"written to {report_path}")
     return EXIT_OK
 
 

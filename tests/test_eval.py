@@ -77,3 +77,58 @@ def test_weights_of_another_model_are_named(finished, tmp_path, capfd):
 
 def test_a_directory_that_is_neither_is_named(tmp_path, capfd):
     assert "neither a run directory" in _refused([str(tmp_path)], capfd)
+
+
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("config.yaml", b""),
+        ("config.yaml", b"- model\n"),
+        ("config.yaml", b"model: 5\n"),
+        ("config.yaml", b"\xff\xfe"),
+        ("meta.json", b'{"config": [1]}'),
+        ("meta.json", b'{"config": null}'),
+        ("meta.json", b"[1]"),
+    ],
+)
+def test_a_damaged_saved_config_is_named(finished, tmp_path, capfd, name, content):
+    copy = _copy(finished, tmp_path)
+    (copy / name).write_bytes(content)
+    err = _refused([str(copy)], capfd)
+    assert f"{copy / name} is damaged" in err
+
+
+def test_an_unknown_key_in_the_run_config_names_the_file(finished, tmp_path, capfd):
+    copy = _copy(finished, tmp_path)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["train"]["old_key"] = 1
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    err = _refused([str(copy)], capfd)
+    assert f"{copy / 'config.yaml'}: unknown key 'train.old_key'" in err
+
+
+def test_a_relative_data_dir_missing_here_names_evals_own_option(finished, tmp_path, capfd, monkeypatch):
+    copy = _copy(finished, tmp_path)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["data"]["dir"] = "data/slice"  # relative to where the run was trained, not to where eval runs
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    err = _refused([str(copy)], capfd)
+    assert "no data set at data/slice" in err and "--data-dir" in err and "--data.source" not in err
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_batch_size_below_one_is_refused(finished, capfd, size):
+    assert f"--batch-size must be >= 1, got {size}" in _refused([str(finished), "--batch-size", size], capfd)
+
+
+def test_an_unwritable_result_file_is_named_after_the_accuracy_is_printed(finished, tmp_path, capfd):
+    copy = _copy(finished, tmp_path)
+    (copy / "eval-tta0.json").unlink(missing_ok=True)
+    (copy / "eval-tta0.json").mkdir()  # the result cannot be moved into place, as on a read-only disk, even for root
+    assert eval_main([str(copy), "--tta-level", "0"]) == 2
+    captured = capfd.readouterr()
+    summary = json.loads((finished / "summary.json").read_text())
+    assert f"test accuracy {summary['val_acc']:.4f}" in captured.out
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert f"cannot write {copy / 'eval-tta0.json'}" in captured.err
