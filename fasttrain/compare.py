@@ -21,6 +21,7 @@ cell finished, 1 when any failed (the table says which), 2 for bad input, 130/14
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
@@ -124,24 +125,60 @@ def _stages(grid: Grid, passthrough: tuple[str, ...]) -> int:
     return len(base.model["widths"])
 
 
-def _settings_differ(run_dir: Path, expected: dict) -> list[str]:
-    """The keys in which the run already in `run_dir` (its config.yaml) differs from `expected`; [] if none ran."""
+def _saved_settings(run_dir: Path) -> dict | None:
+    """The settings of the run already in `run_dir` (its config.yaml, sections of key: value pairs as the trainer
+    writes them); None if none ran there or the file is damaged."""
     try:
-        found = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []
+        found = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
+        return None
+    if not isinstance(found, dict) or not found or not all(isinstance(v, dict) for v in found.values()):
+        return None
+    return found
+
+
+def _settings_differ(found: dict, expected: dict) -> list[str]:
+    """The keys in which the settings `found` in a run directory differ from `expected`."""
     return [
         f"{section}.{key}"
         for section in sorted(set(found) | set(expected))
-        for key in sorted(set(found.get(section) or {}) | set(expected.get(section) or {}))
-        if (found.get(section) or {}).get(key) != (expected.get(section) or {}).get(key)
+        for key in sorted(set(found.get(section, {})) | set(expected.get(section) or {}))
+        if found.get(section, {}).get(key) != (expected.get(section) or {}).get(key)
     ]
+
+
+def _check_out(out: Path) -> None:
+    """--out must be, or be creatable as, a writable directory: checked before anything trains."""
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a directory; choose another --out")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable; choose another --out")
+
+
+def _reusable(run_dir: Path, expected: dict, out: Path) -> bool:
+    """Whether `run_dir` holds a finished run of the `expected` settings; a run of other settings is refused.
+    A damaged config.yaml or summary.json counts as not finished: the cell's --resume auto then continues from its
+    newest checkpoint (for a finished run, its end), which the trainer checks against the cell's settings, and
+    writes both files again."""
+    found = _saved_settings(run_dir)
+    if found is None:
+        return False
+    differing = _settings_differ(found, expected)
+    if differing:
+        raise ConfigError(
+            f"--out {out}: {run_dir} holds a run with other settings ({', '.join(differing)}); "
+            "choose another --out, or delete that directory"
+        )
+    summary = read_summary(run_dir)
+    return summary is not None and summary.get("status") == "finished"
 
 
 def plan(args: CompareArgs) -> tuple[Grid, Path, list[PlannedCell]]:
     """Every cell's trainer command, each checked by building its config, before anything trains."""
     grid = load_grid(args.grid)
     out = args.out or Path("runs") / f"compare-{grid.name}"
+    _check_out(out)
     group = args.group or f"compare-{grid.name}"
     planned = []
     for cell in grid_cells(grid, _stages(grid, args.passthrough)):
@@ -158,14 +195,7 @@ def plan(args: CompareArgs) -> tuple[Grid, Path, list[PlannedCell]]:
             config = load_config(list(argv))
         except ConfigError as e:
             raise ConfigError(f"cell {cell.name}: {e}") from None
-        differing = _settings_differ(run_dir, config.to_dict())
-        if differing:
-            raise ConfigError(
-                f"--out {out}: {run_dir} holds a run with other settings ({', '.join(differing)}); "
-                "choose another --out, or delete that directory"
-            )
-        summary = read_summary(run_dir)
-        reusable = summary is not None and summary.get("status") == "finished"
+        reusable = _reusable(run_dir, config.to_dict(), out)
         planned.append(PlannedCell(cell, run_dir, argv, _count_params(config.model), reusable))
     return grid, out, planned
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from helpers import REPO
 
-from fasttrain.compare import main
+from fasttrain.compare import main, parse_args, plan
+from fasttrain.config import load_config
 from fasttrain.grid.spec import Cell, grid_names, load_grid
 
 TINY_OVERRIDES = {
@@ -170,3 +171,52 @@ def test_shipped_grids_load_and_the_deepest_cpu_cells_have_20_conv_layers() -> N
         assert Cell("plain", max(grid.blocks_per_stage), 3, 0.0).depth >= 20
     dropout = load_grid("dropout_cpu")  # the dropout question: every block type with and without it
     assert set(dropout.blocks) == {"plain", "residual", "skip"} and 0.0 in dropout.dropout and max(dropout.dropout) > 0
+
+
+def test_a_grid_file_that_is_not_utf8_is_refused(tmp_path: Path, capsys) -> None:
+    grid = tmp_path / "latin1.yaml"
+    grid.write_bytes(b"base: cpu_quick  # caf\xe9\n")
+    assert main(["--grid", str(grid), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("fasttrain compare: error: ") and "not UTF-8" in error and len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_an_out_that_is_a_file_is_refused_before_training(tmp_path: Path, capsys, below: str) -> None:
+    grid = write_grid(tmp_path / "tiny.yaml", base="cpu_quick", blocks=["plain"], blocks_per_stage=[1])
+    (tmp_path / "afile").write_text("mine\n")
+    out = tmp_path / "afile" / below if below else tmp_path / "afile"
+    assert main(["--grid", str(grid), "--out", str(out), "--wandb.mode", "disabled"]) == 2
+    captured = capsys.readouterr()
+    assert "training" not in captured.out and len(captured.err.strip().splitlines()) == 1
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in captured.err
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+FINISHED = b'{"status": "finished"}'
+
+
+@pytest.mark.parametrize(
+    "config_yaml,summary_json,reused",
+    [
+        (None, FINISHED, True),  # None: the cell's own settings, as the trainer writes them
+        (b"- x\n", FINISHED, False),
+        (b"run: 5\n", FINISHED, False),
+        (b"\xff\xfe", FINISHED, False),
+        (None, b"[1, 2]", False),
+    ],
+)
+def test_a_damaged_cell_is_trained_again_not_reused(
+    tmp_path: Path, capsys, config_yaml: bytes | None, summary_json: bytes, reused: bool
+) -> None:
+    grid = write_grid(
+        tmp_path / "tiny.yaml", base="cpu_quick", blocks=["plain"], blocks_per_stage=[1], overrides=TINY_OVERRIDES
+    )
+    args = ["--grid", str(grid), "--out", str(tmp_path / "out"), "--dry-run"]
+    (cell,) = plan(parse_args(args))[2]
+    cell.run_dir.mkdir(parents=True)
+    settings = yaml.safe_dump(load_config(list(cell.argv)).to_dict()).encode()
+    (cell.run_dir / "config.yaml").write_bytes(settings if config_yaml is None else config_yaml)
+    (cell.run_dir / "summary.json").write_bytes(summary_json)
+    assert main(args) == 0
+    assert ("would be reused" in capsys.readouterr().out) == reused

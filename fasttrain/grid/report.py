@@ -74,10 +74,12 @@ class CellResult:
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's summary.json; None when there is none or it is damaged (not a JSON object)."""
     try:
-        return read_json(Path(run_dir) / "summary.json")
+        summary = read_json(Path(run_dir) / "summary.json")
     except (OSError, ValueError):
         return None
+    return summary if isinstance(summary, dict) else None
 
 
 def read_cell(cell: Cell, run_dir: Path, exit_code: int | None, params: int) -> CellResult:

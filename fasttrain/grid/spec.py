@@ -141,7 +141,11 @@ def load_grid(name_or_path: str) -> Grid:
     path = resolve_grid(name_or_path)
     where = f"grid {name_or_path}"
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8 text; save {path} as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path} ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(spec, dict):
