@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,8 @@ def replacing(path: Path) -> Iterator[Path]:
         os.replace(temp, path)
         fsync_path(path.parent)
     finally:
-        temp.unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only file system refuses this too: the write's own error is the one to see
+            temp.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
