@@ -240,7 +240,7 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if annotation is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):  # None: a YAML key left empty
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     if annotation is Any or annotation is inspect.Parameter.empty:

@@ -199,6 +199,7 @@ def test_adamw_groups_of_one_optimiser_keep_their_own_beta1():
     [
         (b"train: {epochs: }\n", ["train.epochs", "expected an integer", "None"]),
         (b"train: {epochs: [1, 2]}\n", ["train.epochs", "expected an integer", "[1, 2]"]),
+        (b"run: {name: }\n", ["run.name", "expected a string", "None"]),
         (b"train: {1: 2}\n", ["unknown key 'train.1'", "Valid keys"]),
         (b"1: {a: b}\n", ["unknown section '1'", "Valid sections"]),
         (b"param_groups: {1: {params: ['nothing*']}}\n", ["param_groups.1", "nothing*", "matches no"]),
