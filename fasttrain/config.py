@@ -242,7 +242,12 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is str:
         if value is None or isinstance(value, (dict, list)):  # None: a YAML key left empty
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        text = str(value)
+        try:
+            text.encode("utf-8")  # config.yaml, summary.json and W&B hold it as UTF-8 text
+        except UnicodeEncodeError:
+            raise ConfigError(f"{key}: {text!r} holds bytes that are not UTF-8 text; use a UTF-8 name") from None
+        return text
     if annotation is Any or annotation is inspect.Parameter.empty:
         return value
     raise ConfigError(f"{key}: unsupported type {annotation}")

@@ -264,3 +264,9 @@ def test_param_group_settings_must_be_finite_and_in_range(setting, value, words)
         load_config(["--config", "deepcnn", *head])
     for word in words:
         assert word in str(err.value)
+
+
+def test_a_setting_of_bytes_that_are_not_utf8_is_refused():
+    name = "runs/r_" + b"\xff".decode("utf-8", "surrogateescape")  # how Python passes such a file name in argv
+    with pytest.raises(ConfigError, match=r"run.dir: 'runs/r_\\udcff' holds bytes that are not UTF-8 text"):
+        load_config(["--config", "cpu_quick", "--run.dir", name])
