@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -73,7 +74,9 @@ def run_command(prog: str, command: Callable[[list[str]], int], argv: Sequence[s
     reader that went away (`fasttrain bench ... | head`) ends the command quietly, as SIGPIPE ends a shell's tools."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return command(argv)
+        code = _returned_or_exited(command, argv)
+        sys.stdout.flush()  # what is still buffered fails here, where it is handled, not in Python's shutdown
+        return code
     except FasttrainError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
@@ -87,9 +90,33 @@ def run_command(prog: str, command: Callable[[list[str]], int], argv: Sequence[s
         print(f"{prog}: interrupted by SIGINT", file=sys.stderr)
         return signal_exit_code(signal.SIGINT)
     except BrokenPipeError:
-        with contextlib.suppress(OSError, ValueError):  # what is still buffered must not fail again at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not stdout_reader_gone():  # another pipe or socket: not ours to name
+            raise
+        silence_stdout()
         return signal_exit_code(signal.SIGPIPE)
+
+
+def _returned_or_exited(command: Callable[[list[str]], int], argv: list[str]) -> int:
+    try:
+        return command(argv)
+    except SystemExit as e:  # argparse's --help (0) and usage errors (2): ended like a return
+        return e.code if isinstance(e.code, int) else EXIT_OK
+
+
+def stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone away (its write end then polls as an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout is not a file (a test's capture)
+        return False
+
+
+def silence_stdout() -> None:
+    """Send standard output to /dev/null from now on, what is still buffered included: its reader went away."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def exit_process(code: int) -> NoReturn:

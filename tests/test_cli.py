@@ -65,13 +65,21 @@ def test_a_commands_process_ends_with_its_code_its_exit_handlers_run_and_its_obj
     assert (result.returncode, result.stdout, result.stderr) == (3, "unflushed frozen True\n", "")
 
 
-def test_output_to_a_reader_that_went_away_ends_quietly_with_sigpipes_code(tmp_path):
-    proc = subprocess.Popen(
-        [FASTTRAIN, "--help"], cwd=tmp_path, env=env_for_tests(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+@pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"]])  # printed by fasttrain, and by argparse
+def test_output_to_a_reader_that_went_away_ends_quietly_with_sigpipes_code(tmp_path, argv):
+    env = {key: value for key, value in env_for_tests(tmp_path).items() if key != "PYTHONUNBUFFERED"}  # as users run
+    proc = subprocess.Popen([FASTTRAIN, *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # `fasttrain --help | head -0`: nobody reads
     _, stderr = proc.communicate(timeout=120)
     assert (proc.returncode, stderr) == (128 + signal.SIGPIPE, b"")
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_closed_output():
+    def writes_to_a_dead_pipe(argv):
+        raise BrokenPipeError(32, "Broken pipe")  # a child's or a socket's: stdout is fine
+
+    with pytest.raises(BrokenPipeError):
+        run_command("fasttrain test", writes_to_a_dead_pipe, [])
 
 
 def test_train_module_prints_its_help(tmp_path):
