@@ -66,6 +66,7 @@ from fasttrain.loop.optim import (
 )
 from fasttrain.loop.resolve import RunPlan, configure_backends, make_accelerator, resolve
 from fasttrain.profiling import synchronize
+from fasttrain.tracking import console
 from fasttrain.tracking.report import Reporter
 
 DATA_INIT_IMAGES = 5000  # training images a model's data-dependent initialisation sees (airbench's whitening)
@@ -236,7 +237,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     progress = checkpoint.Progress()
     accelerator.register_for_checkpointing(progress)
 
-    say = print if accelerator.is_main_process else (lambda *_: None)
+    say = console.say if accelerator.is_main_process else (lambda *_: None)
     resume_from = find_resume_checkpoint(cfg, run_dir, say)
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, cfg.to_dict(), plan.world_size, force=cfg.run.resume == "force")

@@ -258,6 +258,23 @@ def test_resume_with_a_different_model_is_refused_unless_forced(tmp_path, data_d
     assert "--resume force" in proc.stderr
 
 
+def test_a_run_whose_output_reader_goes_away_trains_to_the_end(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    args = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "3"]
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAIN), *args], cwd=tmp_path, env=env_for_tests(tmp_path), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    while "fasttrain 0.1.0" not in proc.stdout.readline():  # the banner: training has not started yet
+        pass
+    proc.stdout.close()  # `fasttrain train ... | head -3`, or a `tee` that died
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "the reader of this run's output went away; training goes on" in stderr and "Traceback" not in stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl") if row["kind"] == "epoch"] == [1, 2, 3]
+
+
 def test_unwritable_run_dir_is_refused_at_start(tmp_path, data_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -1,13 +1,31 @@
-"""A fixed-width per-epoch table for the console:
+"""The run's console output: `say` prints a line, `EpochTable` formats the per-epoch table:
 
 |  epoch  |  train_loss  |  val_acc  |
 -------------------------------------
 |      1  |      2.3012  |   0.1032  |
 """
 
+import contextlib
+import sys
 from typing import Any
 
+from fasttrain.errors import silence_stdout, stdout_reader_gone
+
 _MIN_WIDTH = 6
+
+
+def say(message: str) -> None:
+    """Print one line of a run's console output (main process). A reader of it that went away (a dead `tee` or
+    `head`) must not cost the run: it goes on, its rows still reach metrics.jsonl and W&B."""
+    try:
+        print(message, flush=True)
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise
+        silence_stdout()
+        with contextlib.suppress(OSError):
+            print("fasttrain train: the reader of this run's output went away; training goes on (every epoch is in "
+                  "metrics.jsonl)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 class EpochTable:

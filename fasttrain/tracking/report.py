@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from fasttrain.files import write_json, write_text
-from fasttrain.tracking.console import EpochTable
+from fasttrain.tracking.console import EpochTable, say
 from fasttrain.tracking.metrics import MetricsFile, read_metrics
 from fasttrain.tracking.plots import epoch_rows, plot_curves
 from fasttrain.tracking.wandb_history import holds, recorded_keys
@@ -38,6 +38,7 @@ class Reporter:
                 w.mode, project=w.project, entity=w.entity, name=w.name, default_name=run_dir.name,
                 tags=w.tags or None, group=w.group, job_type=w.job_type,
                 config={**cfg.to_dict(), "plan": plan.as_dict()}, run_dir=run_dir, resume_id=wandb_id,
+                announce=say,
             )  # fmt: skip
         self.wandb_holds = self._sent_before if resume_step is None else self._wandb_holds_after_resume()
 
@@ -68,7 +69,7 @@ class Reporter:
 
     def say(self, message: str) -> None:
         if self.main:
-            print(message, flush=True)
+            say(message)
 
     def write_run_files(self, cfg, argv: list[str]) -> None:
         """config.yaml (the resolved configuration) and command.txt (how to run it again)."""
