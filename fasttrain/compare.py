@@ -149,8 +149,8 @@ def _settings_differ(found: dict, expected: dict) -> list[str]:
 
 def _check_out(out: Path) -> None:
     """--out must be, or be creatable as, a writable directory: checked before anything trains."""
-    existing = next(path for path in (out, *out.parents) if path.exists())
-    if not existing.is_dir():
+    existing = next(path for path in (out, *out.parents) if os.path.exists(path))  # never raises, unlike Path's
+    if not os.path.isdir(existing):
         raise ConfigError(f"--out {out}: {existing} is a file, not a directory; choose another --out")
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"--out {out}: {existing} is not writable; choose another --out")

@@ -49,7 +49,8 @@ def conversion_lock(data_dir: Path) -> Iterator[Path]:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         folders = [lock_path.parent, *lock_path.parent.parents]
-        if file := next((p for p in folders if p.exists() and not p.is_dir()), None):
+        # os.path, not Path: on Python <= 3.12 Path.exists() raises where a parent cannot be searched
+        if file := next((p for p in folders if os.path.exists(p) and not os.path.isdir(p)), None):
             raise DatasetError(
                 f"--data.dir {data_dir}: {file} is a file, not a directory; choose another --data.dir"
             ) from None
