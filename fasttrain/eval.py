@@ -60,7 +60,9 @@ def config_for(saved: dict, source: Path, overrides: list[tuple[str, str, str]])
     flat.sort(key=lambda item: item[:2] != ("model", "name"))  # the model first: naming it resets its arguments
     try:
         return build_config(None, [*flat, *overrides])
-    except ConfigError as e:  # the command line's own values are checked before: the file is at fault
+    except ConfigError as e:
+        if any(str(e).startswith(f"{section}.{key}:") for section, key, _ in overrides):
+            raise  # a command-line value (its messages start with its key)
         raise ConfigError(f"{source}: {e}") from None
 
 
