@@ -126,4 +126,8 @@ def write_failure_reason(error: BaseException) -> str:
     """What a failed write says, in a few words: "No space left on device (path)" for an OSError."""
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
-    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__  # later lines: a C++ stack, if any
+    if "PytorchStreamWriter" in text or "inline_container" in text:
+        return f"torch.save could not write its file, most likely for lack of space ({first_line})"
+    return first_line
