@@ -310,8 +310,13 @@ def test_a_batch_larger_than_each_processs_share_is_refused(data_dir, mode, worl
     options["distributed"] = world_size > 1
     with pytest.raises(ConfigError, match=f"batch size {share + 1} per process is larger than the {share} training"):
         build_loaders(data_dir, batch_size=share + 1, **options)
+    if world_size > 1:  # a process's batch times the processes: what train.batch_size said
+        with pytest.raises(ConfigError, match=f"the batch size is global: {(share + 1) * world_size}"):
+            build_loaders(data_dir, batch_size=share + 1, **options)
     train, _ = build_loaders(data_dir, batch_size=share, **options)
     assert len(train) == 1
+    train, _ = build_loaders(data_dir, batch_size=share + 1, drop_last=False, **options)
+    assert len(train) == 1, "keeping the partial batch: one batch of the whole share"
 
 
 def test_measure_loader(loaders):

@@ -275,7 +275,7 @@ def test_metrics_file_resume_drops_rows_after_the_checkpoint(tmp_path):
 def test_read_metrics_names_damage_before_the_last_line_and_the_fix(tmp_path, content, what):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(content)
-    message = f"{path} is damaged: {what}; delete that line, or move the file aside"
+    message = f"{path} is damaged: {what}; delete the damaged line, or move the file aside"
     with pytest.raises(FasttrainError, match=re.escape(message)):
         read_metrics(path)
 

@@ -261,10 +261,11 @@ def refuse_empty_epochs(train: TrainLoader, batch_size: int, world_size: int) ->
     """`train`, unless an epoch of it has no batch: a loop over it would never step."""
     if len(train) == 0:
         per_process = -(-train.dataset_size // world_size)  # each rank's shard, padded to the same length
-        over = f" over {world_size} processes" if world_size > 1 else ""
+        split = f"{train.dataset_size} in the training split"
+        if world_size > 1:
+            split += f", over {world_size} processes; the batch size is global: {batch_size * world_size}"
         raise ConfigError(
             f"batch size {batch_size} per process is larger than the {per_process} training images each process "
-            f"gets ({train.dataset_size} in the training split{over}); lower it (train.batch_size, or bench's "
-            f"--batch-size) or use more data"
+            f"gets ({split}); lower the batch size or use more data"
         )
     return train

@@ -45,8 +45,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def _damaged(path: Path, what: str) -> FasttrainError:
     return FasttrainError(
-        f"{path} is damaged: {what}; delete that line, or move the file aside (a resumed run then starts a new "
-        f"one), and run again"
+        f"{path} is damaged: {what}; delete the damaged line, or move the file aside (a resumed run then starts "
+        f"a new one), and run again"
     )
 
 
