@@ -9,7 +9,7 @@ Exit codes, the same for every fasttrain command (the EXIT_* names below; entry 
   3 `EXIT_NONFINITE` training stopped on a non-finite loss.
   128 + N (`signal_exit_code`) stopped by signal N (130 Ctrl-C, 143 SIGTERM): during training after writing a
     checkpoint; at once on a second signal, or on Ctrl-C outside the training loop; 141 (SIGPIPE) quietly, when the
-    reader of a command's output went away (`| head`).
+    reader of a command's output went away (`| head`; a training run goes on instead, tracking/console.say).
 
 Every entry point runs through `run_command`, which turns a FasttrainError into one line on stderr,
 `<prog>: error: <message>`, and its exit code, and an interruption into one line and 128 + N; a process started as
