@@ -33,6 +33,7 @@ import yaml
 
 from fasttrain.config import load_config, parse_overrides
 from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, exit_process, run_command, signal_exit_code
+from fasttrain.files import nearest_existing
 from fasttrain.grid.report import (
     CellResult,
     markdown_table,
@@ -149,7 +150,7 @@ def _settings_differ(found: dict, expected: dict) -> list[str]:
 
 def _check_out(out: Path) -> None:
     """--out must be, or be creatable as, a writable directory: checked before anything trains."""
-    existing = next(path for path in (out, *out.parents) if os.path.exists(path))  # never raises, unlike Path's
+    existing = nearest_existing(out)
     if not os.path.isdir(existing):
         raise ConfigError(f"--out {out}: {existing} is a file, not a directory; choose another --out")
     if not os.access(existing, os.W_OK):

@@ -112,9 +112,16 @@ def write_json(path: Path, value: Any, indent: int = 1) -> None:
     write_text(path, dumps(value, indent=indent) + "\n")
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself or its nearest parent that exists (in the end `/` or `.`): where a directory at `path` would be
+    made. os.path, not Path: on Python <= 3.12 Path.exists() raises where a parent cannot be searched."""
+    return next((p for p in (path, *path.parents) if os.path.exists(p)), Path(path.anchor or "."))
+
+
 # A full disk, as the writers below fasttrain report it: safetensors says "I/O error", torch's zip writer (torch.save)
 # fails an internal check.
-_WRITE_FAILURE_TEXT = ("I/O error", "PytorchStreamWriter", "inline_container")
+_TORCH_SAVE_FAILURE_TEXT = ("PytorchStreamWriter", "inline_container")
+_WRITE_FAILURE_TEXT = ("I/O error", *_TORCH_SAVE_FAILURE_TEXT)
 
 
 def is_write_failure(error: BaseException) -> bool:
@@ -128,6 +135,6 @@ def write_failure_reason(error: BaseException) -> str:
         return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else type(error).__name__  # later lines: a C++ stack, if any
-    if "PytorchStreamWriter" in text or "inline_container" in text:
+    if any(marker in text for marker in _TORCH_SAVE_FAILURE_TEXT):
         return f"torch.save could not write its file, most likely for lack of space ({first_line})"
     return first_line

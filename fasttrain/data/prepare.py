@@ -25,6 +25,7 @@ from fasttrain.config import DataSection, default_data_dir
 from fasttrain.data import betons
 from fasttrain.data.manifest import MANIFEST_NAME, convert_args, verify
 from fasttrain.errors import ConfigError, DatasetError, FasttrainError
+from fasttrain.files import nearest_existing
 from fasttrain.loop.distributed import any_rank
 
 
@@ -48,11 +49,10 @@ def conversion_lock(data_dir: Path) -> Iterator[Path]:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        folders = [lock_path.parent, *lock_path.parent.parents]
-        # os.path, not Path: on Python <= 3.12 Path.exists() raises where a parent cannot be searched
-        if file := next((p for p in folders if os.path.exists(p) and not os.path.isdir(p)), None):
+        existing = nearest_existing(lock_path.parent)
+        if not os.path.isdir(existing):
             raise DatasetError(
-                f"--data.dir {data_dir}: {file} is a file, not a directory; choose another --data.dir"
+                f"--data.dir {data_dir}: {existing} is a file, not a directory; choose another --data.dir"
             ) from None
         raise DatasetError(
             f"cannot create the conversion lock {lock_path} ({e.strerror}); choose a writable --data.dir"
