@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from fasttrain.config import load_config, parse_overrides
+from fasttrain.config import is_sections, load_config, parse_overrides
 from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, exit_process, run_command, signal_exit_code
 from fasttrain.files import nearest_existing
 from fasttrain.grid.report import (
@@ -133,7 +133,7 @@ def _saved_settings(run_dir: Path) -> dict | None:
         found = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return None
-    if not isinstance(found, dict) or not found or not all(isinstance(v, dict) for v in found.values()):
+    if not found or not is_sections(found):
         return None
     return found
 

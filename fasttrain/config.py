@@ -330,13 +330,18 @@ def _read_text(path) -> str:
         raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
 
 
+def is_sections(data: Any) -> bool:
+    """Whether `data` (read from YAML) has a configuration's shape: sections of key: value pairs."""
+    return isinstance(data, dict) and all(isinstance(values, dict) for values in data.values())
+
+
 def load_yaml(path) -> dict[str, dict[str, Any]]:
     """A recipe's sections. Keys become strings: YAML reads `1:` as an int, which is an unknown key like any other."""
     try:
         data = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    if not is_sections(data):
         raise ConfigError(f"{path}: expected sections of key: value pairs (run:, data:, model:, train:, ...)")
     return {str(section): {str(key): value for key, value in values.items()} for section, values in data.items()}
 

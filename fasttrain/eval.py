@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from fasttrain import models
-from fasttrain.config import Config, build_config
+from fasttrain.config import Config, build_config, is_sections
 from fasttrain.errors import EXIT_OK, ConfigError, DatasetError, FasttrainError, exit_process, run_command
 from fasttrain.files import read_json, write_json
 
@@ -48,7 +48,7 @@ def _read_config_file(path: Path) -> object:
 def saved_config(path: Path) -> dict:
     """The configuration in `path` (see saved_config_file): sections of settings, as Config.to_dict writes them."""
     saved = _read_config_file(path)
-    if not isinstance(saved, dict) or not saved or not all(isinstance(v, dict) for v in saved.values()):
+    if not saved or not is_sections(saved):
         raise _damaged(path, "expected sections of settings, e.g. model: {name: ...}")
     return saved
 

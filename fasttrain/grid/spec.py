@@ -19,6 +19,7 @@ from typing import Any, get_args
 
 import yaml
 
+from fasttrain.config import is_sections
 from fasttrain.errors import ConfigError
 
 GRID_KEYS = ("base", "blocks", "blocks_per_stage", "dropout", "overrides")
@@ -124,7 +125,7 @@ def _option_value(value: Any) -> str:
 
 def _check_overrides(spec: dict[str, Any], where: str) -> tuple[str, ...]:
     overrides = spec.get("overrides") or {}
-    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+    if not is_sections(overrides):
         raise ConfigError(
             f"{where}: overrides must hold sections of key: value pairs, e.g. overrides: {{train: {{epochs: 10}}}}"
         )
