@@ -587,6 +587,8 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         "final_eval_s",
         "model",
         "params",
+        "gc_collections",
+        "gc_pause_s",
     )
     result = {
         "command": "e2e",
