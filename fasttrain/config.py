@@ -492,7 +492,11 @@ def validate(cfg: Config) -> None:
     _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     _check_lr_peak_epoch("train.lr_peak_epoch", t.lr_peak_epoch, t.epochs)
-    _require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or none")
+    _require(
+        t.grad_clip is None or (math.isfinite(t.grad_clip) and t.grad_clip > 0),
+        "train.grad_clip",
+        f"must be a finite number > 0, or none for no clipping, got {t.grad_clip}",
+    )
     _require(
         t.target_acc is None or 0 < t.target_acc <= 1,
         "train.target_acc",

@@ -91,6 +91,8 @@ def test_recipe_values_are_overridden_by_command_line(tmp_path):
         (["--trian.lr", "1"], ["trian", "train", "Valid sections"]),
         (["--train.epochs", "two"], ["train.epochs", "integer"]),
         (["--train.lr", "-0.1"], ["train.lr", "> 0"]),
+        (["--train.grad_clip", "inf"], ["train.grad_clip", "finite number > 0", "none for no clipping", "got inf"]),
+        (["--train.grad_clip", "0"], ["train.grad_clip", "finite number > 0", "got 0.0"]),
         (["--train.mixed_precision", "fp8"], ["train.mixed_precision", "bf16", "fp16"]),
         (["--model.name", "resnet50"], ["model.name", "resnet9", "deepcnn"]),
         (["--model.name", "deepcnn", "--model.dropout", "1.0"], ["dropout"]),
