@@ -330,6 +330,34 @@ def test_disk_full_when_the_run_ends_names_the_failed_write_after_the_final_figu
     assert len(read_jsonl(run_dir / "metrics.jsonl")) >= 1, "what was written before is kept"
 
 
+# The trainer, with metrics.jsonl moved away just before the run's outputs are written (someone tidying up).
+METRICS_MOVED_AT_THE_END = """
+import sys
+from fasttrain import train
+from fasttrain.tracking.report import Reporter
+
+finish = Reporter.finish
+def move_metrics_then_finish(self, *args, **kwargs):
+    (self.run_dir / "metrics.jsonl").rename(self.run_dir / "moved.jsonl")
+    return finish(self, *args, **kwargs)
+Reporter.finish = move_metrics_then_finish
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_metrics_moved_away_during_the_run_costs_the_curves_only(tmp_path, data_dir):
+    run_dir = tmp_path / "r"
+    args = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", METRICS_MOVED_AT_THE_END, *args],
+        cwd=tmp_path, env=env_for_tests(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"curves.png not drawn: No such file or directory ({run_dir / 'metrics.jsonl'})" in proc.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert (run_dir / "model.safetensors").exists() and not (run_dir / "curves.png").exists()
+
+
 def test_torch_saves_failed_write_is_recognised_as_one(tmp_path):
     """torch.save (an optimiser's state in a checkpoint) reports a full disk through its zip writer, not OSError."""
     script = (

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from fasttrain.errors import FasttrainError
 from fasttrain.files import write_json, write_text
 from fasttrain.tracking.console import EpochTable, say
 from fasttrain.tracking.metrics import MetricsFile, read_metrics
@@ -102,7 +103,11 @@ class Reporter:
         if not self.main:
             return
         write_json(self.run_dir / "summary.json", summary)
-        epochs = epoch_rows(read_metrics(self.run_dir / "metrics.jsonl"))
+        try:
+            epochs = epoch_rows(read_metrics(self.run_dir / "metrics.jsonl"))
+        except (OSError, FasttrainError) as e:  # moved or damaged while the run went on: only the picture is lost
+            self.say(f"curves.png not drawn: {f'{e.strerror} ({e.filename})' if isinstance(e, OSError) else e}")
+            epochs = []
         if epochs:
             plot_curves(epochs, self.run_dir / "curves.png", title=title)
         self.metrics.close()
