@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -209,3 +210,28 @@ def test_an_inf_gradient_of_one_optimiser_under_the_grad_scaler_moves_no_weight_
     assert all(torch.equal(p, before[name]) for name, p in engine.model.named_parameters())  # the bias too
     assert engine.accelerator.scaler.get_scale() == 2.0**9  # backed off once
     assert engine.schedulers[0].last_epoch == 0 and engine.lr() == 1.0  # the schedule waited
+
+
+def test_one_optimiser_under_the_grad_scaler_steps_on_a_clean_gradient_and_waits_on_an_inf_without_a_warning():
+    """fp16 with one optimiser steps as with several (one scale, one update). Through Accelerate's wrapper, whose
+    patched step hides the optimiser's step from the schedule, torch warned of a schedule stepped first."""
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda step: 1.0 / (1 + step))
+    engine = StepEngine(model, [optimizer], [schedule], accelerator)
+    before = model[1].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine.step(*batch())
+    assert not torch.equal(model[1].weight, before) and accelerator.scaler.get_scale() == 2.0**11
+    assert schedule.last_epoch == 1
+
+    before = model[1].weight.detach().clone()
+    hook = model[1].weight.register_hook(lambda grad: grad * float("inf"))
+    assert engine.step(*batch())
+    hook.remove()
+    assert torch.equal(model[1].weight, before) and accelerator.scaler.get_scale() == 2.0**10
+    assert schedule.last_epoch == 1, "the schedule waited for the skipped step"
