@@ -588,7 +588,6 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         "model",
         "params",
         "gc_collections",
-        "gc_pause_s",
     )
     result = {
         "command": "e2e",

@@ -56,7 +56,7 @@ from fasttrain.loop.distributed import (
 )
 from fasttrain.loop.engine import StepEngine, WindowStats, raise_if_nonfinite
 from fasttrain.loop.evaluate import evaluate, tta_logits
-from fasttrain.loop.gc_pauses import GcPauses, frozen_heap
+from fasttrain.loop.gc_pauses import GcCounts, frozen_heap
 from fasttrain.loop.optim import (
     assign_params,
     build_optimizers,
@@ -187,7 +187,7 @@ class Run:
     report: Reporter
     checkpoint_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
     train_eval_loader: object | None = None  # the first train.eval_train_images training images, unaugmented
-    gc_pauses: GcPauses = field(default_factory=GcPauses)  # Python's collections inside the timed epochs
+    gc_counts: GcCounts = field(default_factory=GcCounts)  # Python's collections inside the timed epochs
 
     @property
     def ckpt_root(self) -> Path:
@@ -306,7 +306,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
             f"ffcv JIT {loader_warmup_s:.1f} s"
         )
 
-    with frozen_heap(run.gc_pauses):  # what setup built is skipped by every collection until the summary
+    with frozen_heap():  # what setup built is skipped by every collection until the summary
         try:
             exit_code = fit(run)
         except NonFiniteLoss as e:
@@ -315,7 +315,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         summary = finish(run, exit_code, model_info)
     summary.update(
         compile_time_s=compile_time_s, compiled_graphs=new_graphs, loader_warmup_s=loader_warmup_s,
-        data_init_s=data_init_s, gc_collections=run.gc_pauses.collections, gc_pause_s=run.gc_pauses.seconds,
+        data_init_s=data_init_s, gc_collections=run.gc_counts.collections,
         total_time_s=data_init_s + progress.train_time_s + summary["final_eval_s"],
         wall_time_s=time.perf_counter() - t_start,
     )  # fmt: skip
@@ -390,7 +390,7 @@ def fit(run: Run) -> int:
     t, p = run.cfg.train, run.progress
     with StopSignals() as signals:
         while p.epoch < t.epochs:
-            with run.gc_pauses:
+            with run.gc_counts:
                 epoch = train_epoch(run, signals)
             if isinstance(epoch, int):
                 return epoch  # interrupted
@@ -634,7 +634,7 @@ def finish(run: Run, exit_code: int, model_info: dict) -> dict:
     if exit_code == 0 and p.step > 0:
         synchronize(run.accelerator.device)
         t0 = time.perf_counter()
-        with run.gc_pauses:
+        with run.gc_counts:
             tta_acc = validate(run, tta_level=cfg.train.tta_level)["acc"]
         final_eval_s = time.perf_counter() - t0
         agree = parameters_agree(run.accelerator, run.engine.model)
@@ -686,7 +686,7 @@ def train_repeats(cfg: Config, argv: list[str]) -> dict:
         "runs": len(summaries), "seeds": [s["seed"] for s in summaries], "tta_level": cfg.train.tta_level,
         "tta_acc": spread("tta_acc"), "val_acc": spread("val_acc"), "total_time_s": spread("total_time_s"),
         "train_time_s": spread("train_time_s"), "compile_time_s": spread("compile_time_s"),
-        "gc_pause_s": spread("gc_pause_s"),
+        "gc_collections": [s["gc_collections"] for s in summaries],
         "compiled_graphs": [s["compiled_graphs"] for s in summaries],
         "exit_code": max(s["exit_code"] for s in summaries),
     }  # fmt: skip

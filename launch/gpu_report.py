@@ -199,7 +199,7 @@ def _resnet9(r: dict, device: str) -> tuple:
     result = (
         f"{_pct(tta)} flip-TTA (val {_pct(r.get('val_acc'))}) after {r.get('epochs')} epochs; "
         f"`train_time_s` {train_s:.1f} s{reached}; compile {_num(r.get('compile_time_s'), '.1f')} s; "
-        f"{rate:,.0f} images/s; {_num(r.get('process_wall_s'))} s wall{_gc_pauses(r.get('gc_pause_s'))}"
+        f"{rate:,.0f} images/s; {_num(r.get('process_wall_s'))} s wall{_gc(r.get('gc_collections'))}"
     )
     return "", result, f">= {100 * RESNET9_TTA:.1f}% flip-TTA, <= {limit_s:.0f} s, >= 100k images/s", misses
 
@@ -224,15 +224,21 @@ def _airbench(r: dict, anchor: dict | None) -> tuple:
         f"{_pct(mean)} +- {100 * std:.2f} over {runs} seeds; median {median:.2f} s (whitening init + training + "
         f"TTA eval), train {_num((r.get('train_time_s') or {}).get('median'), '.2f')} s; compile "
         f"{_num(compile_s, '.1f')} s once; graphs compiled per run {r.get('compiled_graphs')}"
-        f"{_gc_pauses((r.get('gc_pause_s') or {}).get('median'))}{f'; {ratio:.2f}x the reference' if ratio else ''}"
+        f"{_gc(r.get('gc_collections'))}{f'; {ratio:.2f}x the reference' if ratio else ''}"
     )
     target = f"mean >= {100 * AIRBENCH_TTA:.2f}% over 10 seeds, <= {AIRBENCH_TIME_RATIO:.1f}x the reference's median"
     return "", result, target, misses
 
 
-def _gc_pauses(seconds: float | None) -> str:
-    """Python's garbage collections inside the timed part of a run (absent from results of older code)."""
-    return "" if seconds is None else f"; GC pauses {1000 * seconds:.1f} ms"
+def _gc(collections: list | None) -> str:
+    """Python's garbage collections inside the timed part of a run, or of each repeat (absent from older results)."""
+    if not collections:
+        return ""
+    runs = collections if isinstance(collections[0], list) else [collections]
+    full, younger = sum(c[2] for c in runs), sum(c[0] + c[1] for c in runs)
+    return f"; GC in the timed part: {full} full, {younger} younger collections" + (
+        f" over {len(runs)} runs" if len(runs) > 1 else ""
+    )
 
 
 def _anchor(r: dict, step: dict) -> tuple:

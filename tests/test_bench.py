@@ -198,7 +198,7 @@ def test_e2e_runs_the_trainer_and_reads_its_summary(data_dir, tmp_path):
     assert result["total_time_s"] == pytest.approx(parts), "total_time_s is data init + training + final evaluation"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     keys = ("val_acc", "tta_acc", "steps", "time_to_target_s", "train_time_s", "images_per_sec", "final_eval_s",
-            "gc_collections", "gc_pause_s")  # fmt: skip
+            "gc_collections")  # fmt: skip
     for key in keys:
         assert result[key] == summary[key], f"{key}: the trainer's summary.json, as it wrote it"
 
