@@ -104,6 +104,28 @@ def test_no_host_sync_with_airbench_parameter_groups_and_grad_clipping(cifar_sli
     assert calls == [], f"host syncs in the airbench step loop: {calls}"
 
 
+@pytest.mark.parametrize(("fused", "expected"), [(True, []), (False, ["item"] * 8)])
+def test_under_fp16s_grad_scaler_one_fused_optimiser_reads_nothing_back(fused, expected):
+    """fp16 with one optimiser: a fused one takes the scaler's inf flag on the device (CUDA's default, as the
+    trainer asks for fused kernels there); a plain one is read by torch's GradScaler, once a step."""
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # fp16's, as on CUDA (the CPU has no fp16 autocast to test)
+    model = models.create("deepcnn", widths=(8, 16), blocks=(1, 1))
+    t = TrainSection(epochs=2, batch_size=16, lr=0.1, lr_ref_batch=16, lr_peak_epoch=1)
+    optimizers = build_optimizers(model, t, {}, t.batch_size, fused=fused)
+    schedulers = build_schedulers(optimizers, t, {}, 10)
+    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
+    engine = StepEngine(model, prepared[:1], prepared[1:], accelerator)
+    batches = [(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))) for _ in range(9)]
+    engine.step(*batches[0])
+    counter = SyncCounter()
+    with counter:
+        for images, labels in batches[1:]:
+            engine.step(images, labels)
+    assert counter.calls == expected
+
+
 def test_sync_counter_sees_the_syncs_it_looks_for():
     x = torch.ones(3)
     counter = SyncCounter()

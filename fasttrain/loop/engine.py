@@ -5,8 +5,8 @@ Between log steps the engine makes no host<->device synchronisation: the loss, t
 flag accumulate in one device tensor, and image counts are host integers. `take_window()` reads that tensor (the
 one sync) and starts a new window. A non-finite loss is therefore noticed at the next log step or epoch end, and
 named by the window of steps it happened in. Only `nonfinite="skip"` reads the loss every step, because it must
-decide before the optimiser steps, and fp16 reads whether its gradients are finite (torch's GradScaler does for a
-non-fused optimiser; with several optimisers the engine does, once, so that all step or none).
+decide before the optimiser steps, and fp16: torch's GradScaler reads its inf flag for each non-fused optimiser,
+and with several optimisers the engine reads once more, so that all step or none (a single fused one reads nothing).
 
     engine = StepEngine(model, optimizers, schedulers, accelerator, label_smoothing=0.1)
     for images, labels in loader:
@@ -89,10 +89,10 @@ class StepEngine:
         nonfinite: str = "stop",
     ):
         self.model, self.optimizers, self.schedulers, self.accelerator = model, optimizers, schedulers, accelerator
-        # Without a grad scaler, steps call torch's optimisers, not Accelerate's wrappers: with no XLA and no
-        # gradient accumulation a wrapper adds only its cost, two package look-ups per step() (`is_lomo_available`)
-        # and an inspect.signature per zero_grad(): 110 us against torch's 32 us for an SGD step and 22 us against
-        # 10 for zero_grad on this project's CPU, per optimiser and step.
+        # Except for fp16 with one optimiser, steps call torch's optimisers, not Accelerate's wrappers: with no XLA
+        # and no gradient accumulation a wrapper adds only its cost, two package look-ups per step()
+        # (`is_lomo_available`) and an inspect.signature per zero_grad(): 110 us against torch's 32 us for an SGD
+        # step and 22 us against 10 for zero_grad on this project's CPU, per optimiser and step.
         self._torch_optimizers = [o.optimizer if isinstance(o, AcceleratedOptimizer) else o for o in optimizers]
         self.forward = forward if forward is not None else model  # (a compiled nn.Sequential has no truth value)
         self.label_smoothing, self.loss_reduction, self.grad_clip = label_smoothing, loss_reduction, grad_clip
@@ -123,7 +123,8 @@ class StepEngine:
 
     def _step_optimizers(self) -> bool:
         """Clip (train.grad_clip), then every optimiser's step. Returns False when fp16's GradScaler skipped the step
-        (an inf/NaN gradient): the schedules then wait too, so a skipped step does not advance the LR."""
+        (an inf/NaN gradient): the schedules then wait too, so a skipped step does not advance the LR (a single
+        fused optimiser skips on the device, unseen: True)."""
         scaler = self.accelerator.scaler
         if scaler is not None and len(self.optimizers) > 1:
             return self._step_at_one_scale(scaler)
@@ -142,12 +143,13 @@ class StepEngine:
         """fp16 with several optimisers (airbench's Muon + SGD). Accelerate's wrapper updates the scale after each
         optimiser's step, so the next one would be unscaled by a changed scale (twice, after clipping), and each
         would skip on its own gradients alone. Here every gradient is unscaled at one scale, all optimisers step or
-        none does (decided by one host read a step), and the scale is updated once."""
+        none does (one host read a step, besides GradScaler's own for each non-fused one), and the scale is updated
+        once."""
         for optimizer in self._torch_optimizers:
             scaler.unscale_(optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        finite = bool(torch.isfinite(norm))  # the one host read: every optimiser or none
+        finite = bool(torch.isfinite(norm))  # a host read: every optimiser or none
         if finite:
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
