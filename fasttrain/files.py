@@ -129,10 +129,17 @@ def is_write_failure(error: BaseException) -> bool:
     return isinstance(error, OSError) or any(text in str(error) for text in _WRITE_FAILURE_TEXT)
 
 
+def os_error_text(error: OSError) -> str:
+    """An OSError in a few words: "No space left on device (path)"."""
+    if not error.strerror:
+        return str(error) or type(error).__name__
+    return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+
+
 def write_failure_reason(error: BaseException) -> str:
     """What a failed write says, in a few words: "No space left on device (path)" for an OSError."""
     if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+        return os_error_text(error)
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else type(error).__name__  # later lines: a C++ stack, if any
     if any(marker in text for marker in _TORCH_SAVE_FAILURE_TEXT):

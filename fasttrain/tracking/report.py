@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from fasttrain.errors import FasttrainError
-from fasttrain.files import write_json, write_text
+from fasttrain.files import os_error_text, write_json, write_text
 from fasttrain.tracking.console import EpochTable, say
 from fasttrain.tracking.metrics import MetricsFile, read_metrics
 from fasttrain.tracking.plots import epoch_rows, plot_curves
@@ -106,7 +106,7 @@ class Reporter:
         try:
             epochs = epoch_rows(read_metrics(self.run_dir / "metrics.jsonl"))
         except (OSError, FasttrainError) as e:  # moved or damaged while the run went on: only the picture is lost
-            self.say(f"curves.png not drawn: {f'{e.strerror} ({e.filename})' if isinstance(e, OSError) else e}")
+            self.say(f"curves.png not drawn: {os_error_text(e) if isinstance(e, OSError) else e}")
             epochs = []
         if epochs:
             plot_curves(epochs, self.run_dir / "curves.png", title=title)
