@@ -96,9 +96,11 @@ def env_for_tests(tmp_path: Path) -> dict:
     return env
 
 
-def run_train(args, tmp_path, *, launcher=None, timeout=600, check=True, env_extra=None):
-    """`python fasttrain/train.py ARGS` (or under `launcher`) in `tmp_path`; raises with its output if it fails."""
-    cmd = [*(launcher or [sys.executable]), str(TRAIN), *args]
+def run_train(args, tmp_path, *, launcher=None, timeout=600, check=True, env_extra=None, script=None):
+    """`python fasttrain/train.py ARGS` (or under `launcher`) in `tmp_path`; raises with its output if it fails.
+    `script`: `python -c script ARGS` instead, a test's patch of the trainer that calls its main."""
+    entry = ["-c", script] if script is not None else [str(TRAIN)]
+    cmd = [*(launcher or [sys.executable]), *entry, *args]
     env = {**env_for_tests(tmp_path), **(env_extra or {})}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -3,11 +3,9 @@ the timed epochs and final evaluation counted in the summary."""
 
 import gc
 import json
-import subprocess
-import sys
 import weakref
 
-from helpers import FAST, env_for_tests
+from helpers import FAST, run_train
 
 from fasttrain.loop.gc_pauses import GcCounts, frozen_heap
 
@@ -70,11 +68,7 @@ def test_a_collection_inside_the_epochs_is_in_the_summary_and_the_run_trains_on_
 ):
     run_dir = tmp_path / "run"
     args = [*FAST, "--train.epochs", "1", "--data.dir", str(cifar_slice_dir), "--run.dir", str(run_dir)]
-    proc = subprocess.run(
-        [sys.executable, "-c", COLLECT_AT_THE_THIRD_STEP, *args],
-        cwd=tmp_path, env=env_for_tests(tmp_path), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_train(args, tmp_path, timeout=300, script=COLLECT_AT_THE_THIRD_STEP)  # raises if it fails
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["in_steps"] > seen["at_start"] + 100_000, "torch's and the run's objects are frozen while it trains"
     assert seen["after"] <= seen["at_start"], "and unfrozen once it ends"

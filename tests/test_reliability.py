@@ -348,11 +348,8 @@ sys.exit(train.main(sys.argv[1:]))
 def test_metrics_moved_away_during_the_run_costs_the_curves_only(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     args = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "1"]
-    proc = subprocess.run(
-        [sys.executable, "-c", METRICS_MOVED_AT_THE_END, *args],
-        cwd=tmp_path, env=env_for_tests(tmp_path), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    proc = run_train(args, tmp_path, timeout=300, script=METRICS_MOVED_AT_THE_END)  # raises if it fails
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"curves.png not drawn: No such file or directory ({run_dir / 'metrics.jsonl'})" in proc.stdout
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
     assert (run_dir / "model.safetensors").exists() and not (run_dir / "curves.png").exists()
