@@ -1,6 +1,13 @@
 """Shared fixtures: the real CIFAR-10 archive and a small slice of it converted once per session."""
 
-import subprocess
+import os
+
+# One OpenMP thread per test process, and so per trainer a test starts (they inherit the environment): `pytest -n 2`
+# runs two tests at once on the 2-core machines this suite is sized for, and two processes with a thread per core
+# each spin against each other instead of working. A value the caller set wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import subprocess  # noqa: E402
 import sys
 from pathlib import Path
 
