@@ -127,6 +127,11 @@ def test_accelerate_launchs_one_thread_default_is_recognised(accelerate_launch_e
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a user's choice (--cpu --num_cpu_threads_per_process 2)
     assert not launched_single_threaded()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # --cpu: the launcher's own choice of threads, from the cores
+    assert not launched_single_threaded()  # or from the OMP_NUM_THREADS=1 it was given
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")  # what the launcher sets without --cpu
+    assert launched_single_threaded()
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # python fasttrain/train.py with OMP_NUM_THREADS=1: not ours to undo
     assert not launched_single_threaded()

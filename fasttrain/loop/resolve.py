@@ -70,11 +70,18 @@ def precision_for(requested: str, device: torch.device, launcher: str | None) ->
 
 
 def launched_single_threaded() -> bool:
-    """Whether `accelerate launch` (without --cpu) started this one process per machine with its default of one
-    thread: 1.6x slower training on a 2-core CPU than the CPUs allow."""
+    """Whether `accelerate launch` without --cpu started this one process per machine with its default of one
+    thread: 1.6x slower training on a 2-core CPU than the CPUs allow. With --cpu the launcher chose the threads
+    itself (from the cores, or from the OMP_NUM_THREADS it was given), and that choice stands."""
     launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by accelerate launch for every process it starts
     one_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("ACCELERATE_NUM_PROCESSES", "1"))) == 1
-    return launched and one_per_node and os.environ.get("OMP_NUM_THREADS") == "1" and usable_cpus() > 1
+    single = os.environ.get("OMP_NUM_THREADS") == "1"
+    return launched and not launcher_asked_for_cpu() and one_per_node and single and usable_cpus() > 1
+
+
+def launcher_asked_for_cpu() -> bool:
+    """Whether `accelerate launch --cpu` (or ACCELERATE_USE_CPU) started this process."""
+    return os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
 
 
 def clamp_workers(requested: int, option: str) -> tuple[int, str | None]:
@@ -90,8 +97,7 @@ def make_accelerator(cfg: Config, cpu: bool = False) -> tuple[Accelerator, list[
     """The Accelerator, with precision chosen for the device Accelerate picked (`--cpu`, or `cpu`, means CPU, so
     fp32). Returns it with notes about launcher settings fasttrain overrides."""
     notes = []
-    launcher_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
-    use_cpu = cpu or launcher_cpu or not torch.cuda.is_available()
+    use_cpu = cpu or launcher_asked_for_cpu() or not torch.cuda.is_available()
     device = PartialState(cpu=use_cpu).device
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     precision = precision_for(cfg.train.mixed_precision, device, launcher_precision)
