@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,7 @@ param_groups:
     {params: ["stem.*.weight", "stages.*.weight"], optimizer: muon, lr: 0.05, momentum: 0.6, nesterov: true}
   biases: {params: ["*.bias"], optimizer: sgd, lr: 0.05, momentum: 0.85, nesterov: true, end_epoch: 2}
 """
+MUON_PARAMS = ("stem.*.weight", "stages.*.weight")  # the filters group's patterns
 
 
 # The summed loss's case: its gradients are 1,000 times a mean's on the full 1,000-image batch, so LRs / 1,000. Every
@@ -114,10 +116,17 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, d
     assert filters in two.stdout and "biases sgd" in two.stdout, "the groups ran the optimisers meant"
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
+    filter_banks = [key for key in w1 if any(fnmatch(key, pattern) for pattern in MUON_PARAMS)]
+    assert len(filter_banks) == 6, filter_banks
     for key in w1:
-        # Summation order differs between one process and DDP's all-reduce; Muon's bf16 Newton-Schulz can turn that
-        # last-bit difference into one bf16 rounding step of an update (measured: 1 of 2,304 elements off by 1.6e-5).
-        torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-4)
+        if key in filter_banks and reduction == "mean":  # on Muon (SUMMED_LOSS puts them on SGD)
+            # One process sums the batch in another order than DDP's all-reduce (so does another thread count), and
+            # Muon's bf16 Newton-Schulz turns those last bits into bf16 roundings of the update. Measured on this CPU,
+            # the same 1-process run at 1 and at 2 threads: filters up to 1.1e-3 apart, at most 2.7e-4 on average;
+            # against a run on 500 of the images (what a rank without the all-reduce steps on): 2.0e-3 to 5.6e-3.
+            assert (w2[key] - w1[key]).abs().mean() <= 6e-4, (key, (w2[key] - w1[key]).abs().mean())
+        else:
+            torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-4)
     loss_one = [r["train_loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "epoch"]
     loss_two = [r["train_loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "epoch"]
     assert loss_one == pytest.approx(loss_two, rel=1e-4)  # per-image figures, whatever the reduction
