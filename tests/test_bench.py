@@ -33,8 +33,7 @@ ENV_KEYS = {"date", "device", "torch", "fasttrain", "world_size"}
 
 
 def bench(*args: str, timeout: int = 300, check: bool = True) -> tuple[subprocess.CompletedProcess, dict | None]:
-    # One thread: the test machine's 2 cores are shared, and oversubscribed BLAS threads spin instead of working.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}  # one thread: conftest.py
     proc = subprocess.run(
         [sys.executable, "-m", "fasttrain.bench", *args],
         cwd=REPO,
