@@ -45,6 +45,7 @@ from fasttrain.errors import (
 )
 from fasttrain.files import is_write_failure, write_failure_reason, write_json
 from fasttrain.loop import checkpoint
+from fasttrain.loop.collector import GcCounts, frozen_heap
 from fasttrain.loop.distributed import (
     StopSignals,
     from_main,
@@ -56,7 +57,6 @@ from fasttrain.loop.distributed import (
 )
 from fasttrain.loop.engine import StepEngine, WindowStats, raise_if_nonfinite
 from fasttrain.loop.evaluate import evaluate, tta_logits
-from fasttrain.loop.gc_pauses import GcCounts, frozen_heap
 from fasttrain.loop.optim import (
     assign_params,
     build_optimizers,

@@ -7,7 +7,7 @@ import weakref
 
 from helpers import FAST, run_train
 
-from fasttrain.loop.gc_pauses import GcCounts, frozen_heap
+from fasttrain.loop.collector import GcCounts, frozen_heap
 
 
 class Node:
