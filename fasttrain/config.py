@@ -416,12 +416,10 @@ def _check_model(cfg: Config) -> None:
     name = cfg.model.get("name")
     if name is None:
         raise ConfigError(f"model.name is missing. Models: {', '.join(models.names())}")
-    if not isinstance(name, str):
-        raise ConfigError(f"model.name: expected one model name, got {name!r}. Models: {', '.join(models.names())}")
     try:
         name = models.canonical_name(name)  # a former name (resnet9) is reported under the current one
-    except ConfigError:
-        raise ConfigError(f"model.name: unknown model '{name}'. Models: {', '.join(models.names())}") from None
+    except ConfigError as e:
+        raise ConfigError(f"model.name: {e}") from None
     params = models.describe(name)
     checked = {"name": name}
     for key, value in cfg.model.items():
