@@ -424,7 +424,7 @@ def training_loader(cfg: Config, plan: RunPlan):
 
 
 def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
-    from fasttrain.loop.engine import StepEngine
+    from fasttrain.loop.engine import StepEngine, prepare_for_engine
 
     if args.data is None:
         raise BenchError("overhead needs --data DIR (a converted data set): both loops train on its augmented batches")
@@ -440,9 +440,9 @@ def cmd_overhead(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
 
     optimizers = build_run_optimizers(loop_model, cfg, plan)
     schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)
-    prepared_model, *prepared = accelerator.prepare(loop_model, *optimizers, *schedulers)
+    prepared_model, optimizers, schedulers = prepare_for_engine(accelerator, loop_model, optimizers, schedulers)
     engine = StepEngine(
-        prepared_model, prepared[: len(optimizers)], prepared[len(optimizers) :], accelerator,
+        prepared_model, optimizers, schedulers, accelerator,
         forward=maybe_compile(prepared_model, plan), label_smoothing=t.label_smoothing,
         loss_reduction=t.loss_reduction, grad_clip=t.grad_clip, nonfinite=t.nonfinite,
     )  # fmt: skip

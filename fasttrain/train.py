@@ -55,7 +55,7 @@ from fasttrain.loop.distributed import (
     sum_across_ranks,
     sync_buffers,
 )
-from fasttrain.loop.engine import StepEngine, WindowStats, raise_if_nonfinite
+from fasttrain.loop.engine import StepEngine, WindowStats, prepare_for_engine, raise_if_nonfinite
 from fasttrain.loop.evaluate import evaluate, tta_logits
 from fasttrain.loop.optim import (
     assign_params,
@@ -234,8 +234,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     t = cfg.train
     optimizers = build_run_optimizers(model, cfg, plan)
     schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)
-    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
-    optimizers, schedulers = prepared[: len(optimizers)], prepared[len(optimizers) :]
+    model, optimizers, schedulers = prepare_for_engine(accelerator, model, optimizers, schedulers)
     progress = checkpoint.Progress()
     accelerator.register_for_checkpointing(progress)
 

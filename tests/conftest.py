@@ -12,7 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 from helpers import SHARED_ARCHIVE
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process-wide state forgotten before and after: the test's Accelerator decides its device and
+    precision anew."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from torch import nn
 from fasttrain import models
 from fasttrain.config import ParamGroup, TrainSection
 from fasttrain.errors import NonFiniteLoss
-from fasttrain.loop.engine import StepEngine, WindowStats, raise_if_nonfinite
+from fasttrain.loop.engine import StepEngine, WindowStats, prepare_for_engine, raise_if_nonfinite
 from fasttrain.loop.optim import build_optimizers, build_schedulers, lr_factor
 
 STEPS_PER_EPOCH = 4
@@ -25,10 +25,8 @@ def make_engine(nonfinite="stop", groups=None, lr=0.1, model=None, **train):
     t = TrainSection(epochs=2, batch_size=16, lr=lr, lr_ref_batch=16, lr_peak_epoch=1, **train)
     optimizers = build_optimizers(model, t, groups or {}, t.batch_size)
     schedulers = build_schedulers(optimizers, t, groups or {}, STEPS_PER_EPOCH)
-    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
-    n = len(optimizers)
-    engine = StepEngine(model, prepared[:n], prepared[n:], accelerator, label_smoothing=0.1, nonfinite=nonfinite)
-    return engine
+    model, optimizers, schedulers = prepare_for_engine(accelerator, model, optimizers, schedulers)
+    return StepEngine(model, optimizers, schedulers, accelerator, label_smoothing=0.1, nonfinite=nonfinite)
 
 
 def batch(n=16, seed=1):
@@ -235,3 +233,23 @@ def test_one_optimiser_under_the_grad_scaler_steps_on_a_clean_gradient_and_not_o
     hook.remove()
     assert torch.equal(model[1].weight, before) and accelerator.scaler.get_scale() == 2.0**10
     assert schedule.scheduler.last_epoch == (2 if fused else 1)
+
+
+def test_models_prepared_under_bf16_share_their_compiled_graphs(fresh_accelerate_state):
+    """Each repeat of a run prepares a new model. Accelerate's bf16 forward wrapper holds an autocast object of its
+    own, which torch.compile guards on: with it, every model compiled again, and from a run's 5th repeat on (Dynamo's
+    recompile limit) trained uncompiled. Without it, one graph serves every model, still run under bf16 autocast."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    images = torch.randn(2, 3, 4, 4)
+    graphs, dtypes = [], set()
+    for _ in range(3):
+        model, _, _ = prepare_for_engine(accelerator, nn.Sequential(nn.Flatten(), nn.Linear(48, 10)), [], [])
+        with accelerator.autocast():
+            dtypes.add(torch.compile(model, backend="eager", dynamic=False)(images).dtype)
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 2, f"graphs after each model: {graphs}"
+    assert dtypes == {torch.bfloat16}

@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 from fasttrain.config import load_config
 from fasttrain.errors import ConfigError
@@ -63,14 +62,6 @@ def test_a_cuda_device_that_only_emulates_bf16_defaults_to_fp32(gpu_present, mon
     """A V100 or T4: torch says bf16 is supported when emulation counts (its default), and not otherwise."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert precision_for("auto", CUDA, None) == "no"
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's process-wide state forgotten before and after: the test's Accelerator decides its device anew."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_cpu_flag_means_fp32_where_a_gpu_is_present(gpu_present, fresh_accelerate_state, monkeypatch):

@@ -63,6 +63,23 @@ class WindowStats:
         )
 
 
+def prepare_for_engine(
+    accelerator, model: nn.Module, optimizers: list, schedulers: list
+) -> tuple[nn.Module, list, list]:
+    """`accelerator.prepare` for a StepEngine: the model (DDP-wrapped with several processes), its optimisers and
+    schedules, in that order.
+
+    Under bf16/fp16, Accelerate also replaces the model's forward by one that runs under an autocast object made for
+    that model. torch.compile guards on the object's identity, so each model a process prepares (every repeat of a
+    run) was compiled again, and past Dynamo's recompile limit (8: the 5th repeat's train and eval graphs) ran
+    uncompiled. The model's own forward is put back: StepEngine.step and evaluate enter `accelerator.autocast()`
+    themselves and read the logits in fp32, as the wrapper did."""
+    prepared = accelerator.prepare(model, *optimizers, *schedulers)
+    model, *prepared = prepared if optimizers or schedulers else (prepared,)  # one object comes back bare
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # in place, on the module inside any DDP wrapper
+    return model, prepared[: len(optimizers)], prepared[len(optimizers) :]
+
+
 class StepEngine:
     """Runs training steps on prepared (Accelerate) model, optimisers and schedulers.
 
