@@ -46,7 +46,11 @@ def _device_context(device: torch.device):
 
 
 def _to_device(device: torch.device) -> list:
-    return [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
+    # A blocking copy. ffcv refills a batch slot's pinned host buffer without waiting for that slot's previous copy
+    # to the device, which its stream runs only once the GPU catches up; fasttrain's steps read nothing back, so the
+    # host can run that far ahead, and a non_blocking copy could then carry a later batch's pixels (ffcv issue #37).
+    # Only ffcv's loader thread waits for the copy, and the wait keeps it within its slots of the GPU.
+    return [ToDevice(device, non_blocking=False)] if device.type != "cpu" else []
 
 
 def check_process_group(rank: int, world_size: int) -> None:
