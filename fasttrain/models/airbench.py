@@ -75,7 +75,9 @@ def whitening_filters(images: torch.Tensor, eps: float) -> torch.Tensor:
     the patches' (uncentred) covariance, v / sqrt(l + eps), then the same filters negated.
 
     Computed in float64 so the eigenbasis is accurate for the near-degenerate small eigenvalues; eigh is
-    deterministic, so every rank that passes the same images gets bit-identical filters.
+    deterministic, so every rank that passes the same images gets bit-identical filters. The 12x12 eigenproblem is
+    solved on the host: on a GPU the first linalg call of a process loads CUDA's solver libraries, which would
+    then count in the first run's time.
     """
     if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
         raise DatasetError(
@@ -85,7 +87,7 @@ def whitening_filters(images: torch.Tensor, eps: float) -> torch.Tensor:
     windows = images.double().unfold(2, WHITEN_KERNEL, 1).unfold(3, WHITEN_KERNEL, 1)  # [N, C, H', W', 2, 2]
     patches = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * WHITEN_KERNEL**2)
     covariance = patches.T @ patches / len(patches)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = (t.to(images.device) for t in torch.linalg.eigh(covariance.cpu()))
     filters = eigenvectors.T / torch.sqrt(eigenvalues + eps).unsqueeze(1)
     filters = filters.reshape(-1, 3, WHITEN_KERNEL, WHITEN_KERNEL)
     return torch.cat([filters, -filters]).float()
