@@ -299,10 +299,10 @@ def train(cfg: Config, argv: list[str]) -> dict:
     graphs_before = compiled_graphs()
     compile_time_s = warm_up_compiled(run) if plan.compile else 0.0
     new_graphs = compiled_graphs() - graphs_before  # 0 from a repeat's second run on: its graphs are reused
-    if plan.compile or loader_warmup_s:
+    if plan.compile or loader_warmup_s >= 0.05:
         say(
             f"warm-up, not counted in train time: compile {compile_time_s:.1f} s ({new_graphs} new graphs), "
-            f"ffcv JIT {loader_warmup_s:.1f} s"
+            f"loader {loader_warmup_s:.1f} s ({'ffcv JIT' if plan.data_mode == 'stream' else 'one batch'})"
         )
 
     with frozen_heap():  # what setup built is skipped by every collection until the summary

@@ -17,7 +17,8 @@ Training loader, `for images, labels in loader`:
   as ffcv's Loader.next_epoch does. Set it to resume. `len(loader)`: batches per epoch on this rank;
   `num_samples`: samples per epoch on this rank; `dataset_size`: samples in the split.
 - `warm_up() -> float`: prepares the first epoch's machinery outside timing (mode "stream": ffcv's numba JIT on
-  one batch; the epoch counter is restored) and returns the seconds spent; 0.0 in mode "resident".
+  one batch; the epoch counter is restored; mode "resident": one batch augmented, so CUDA has loaded its
+  kernels) and returns the seconds spent.
 - `sample_images(n) -> Tensor`: the first n training images in file order, unaugmented, normalised float32
   [n,3,32,32] on `device` (format as the batches), the same on every rank: for data-dependent initialisation.
   `first_samples(n) -> (images, labels)`: the same images as uint8 with their labels, for `build_train_eval_loader`.

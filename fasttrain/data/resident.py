@@ -12,6 +12,7 @@ with no host-device synchronisation. Augmentation parameters come from a generat
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fasttrain.data.augment import Augmentation, Augmenter, alternating_flip_bit
 from fasttrain.data.normalize import Normalizer
 from fasttrain.data.sharding import batches_per_epoch, train_order
 from fasttrain.errors import ConfigError
+from fasttrain.profiling import synchronize
 
 CHUNK_IMAGES = 8192  # images augmented per chunk at an epoch's start: bounds the gather's temporaries
 
@@ -139,7 +141,10 @@ class ResidentTrainLoader:
         int64 [num_samples]."""
         order = train_order(self.dataset_size, epoch, self.seed, self.rank, self.world_size, self.distributed)
         order = _to_device(order[: self.num_samples], self.device)
-        generator = torch.Generator(device=self.device).manual_seed(_augment_seed(self.seed, epoch, self.rank))
+        return self._augmented(order, epoch, _augment_seed(self.seed, epoch, self.rank))
+
+    def _augmented(self, order: torch.Tensor, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         mirrored = None
         if self._flip_bits is not None:
             mirrored = alternating_mirrored(self._flip_bits.index_select(0, order), epoch)
@@ -157,8 +162,15 @@ class ResidentTrainLoader:
             yield self._normalize(images[start:end]), labels[start:end]
 
     def warm_up(self) -> float:
-        """Nothing to compile: 0.0 seconds."""
-        return 0.0
+        """One batch augmented and normalised as an epoch's are, outside the epochs' random streams and counter:
+        CUDA loads each kernel at its first call, which would otherwise fall in the first timed epoch. Returns the
+        seconds it took."""
+        start = time.perf_counter()
+        order = torch.arange(min(self.batch_size, self.dataset_size), device=self.device)
+        images, _ = self._augmented(order, epoch=0, seed=0)
+        self._normalize(images)
+        synchronize(self.device)
+        return time.perf_counter() - start
 
     def first_samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n training samples in file order, unaugmented: uint8 [n,3,H,W] and int64 [n] on the device."""
