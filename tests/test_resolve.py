@@ -156,3 +156,10 @@ def test_the_plan_and_the_loaders_refuse_the_same_stream_settings(fresh_accelera
         plan("--data.translate_fill", "reflect")
     assert plan("--data.flip_mode", "alternating", "--data.flip", "false").data_mode == "stream"
     assert plan("--data.translate_fill", "reflect", "--data.translate", "0").data_mode == "stream"
+
+
+def test_ddp_leaves_batchnorm_statistics_to_evaluation(fresh_accelerate_state):
+    """DDP's default would broadcast rank 0's BatchNorm buffers before every forward, a collective a step; the
+    trainer gives every rank rank 0's statistics only when it evaluates (sync_buffers), and saves rank 0's."""
+    accelerator, _ = make_accelerator(load_config(["--config", "cpu_quick"]))
+    assert accelerator.ddp_handler.to_kwargs() == {"broadcast_buffers": False}

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from fasttrain.config import Config
 from fasttrain.data.loaders import refuse_resident_only
@@ -121,7 +121,12 @@ def make_accelerator(cfg: Config, cpu: bool = False) -> tuple[Accelerator, list[
         dynamo_backend="no",
         # The schedules count optimizer steps of the global batch: step them exactly once per step.
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(minutes=10)),
+            # DDP's default broadcasts rank 0's BatchNorm statistics before every forward: a collective a step, for
+            # what evaluation and checkpoints read from rank 0 anyway (fasttrain.loop.distributed.sync_buffers).
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+        ],
     )
     return accelerator, notes
 
