@@ -5,8 +5,9 @@ Between log steps the engine makes no host<->device synchronisation: the loss, t
 flag accumulate in one device tensor, and image counts are host integers. `take_window()` reads that tensor (the
 one sync) and starts a new window. A non-finite loss is therefore noticed at the next log step or epoch end, and
 named by the window of steps it happened in. Only `nonfinite="skip"` reads the loss every step, because it must
-decide before the optimiser steps, and fp16: torch's GradScaler reads its inf flag for each non-fused optimiser,
-and with several optimisers the engine reads once more, so that all step or none (a single fused one reads nothing).
+decide before the optimiser steps, and fp16: torch's GradScaler reads its inf flag for a single non-fused
+optimiser, and with several the engine reads once instead, so that all step or none (a single fused one reads
+nothing).
 
     engine = StepEngine(model, optimizers, schedulers, accelerator, label_smoothing=0.1)
     for images, labels in loader:
@@ -160,8 +161,7 @@ class StepEngine:
         """fp16 with several optimisers (airbench's Muon + SGD). Accelerate's wrapper updates the scale after each
         optimiser's step, so the next one would be unscaled by a changed scale (twice, after clipping), and each
         would skip on its own gradients alone. Here every gradient is unscaled at one scale, all optimisers step or
-        none does (one host read a step, besides GradScaler's own for each non-fused one), and the scale is updated
-        once."""
+        none does (one host read a step), and the scale is updated once."""
         for optimizer in self._torch_optimizers:
             scaler.unscale_(optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -170,9 +170,10 @@ class StepEngine:
         if finite:
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+            # The gradients are unscaled and known finite: scaler.step would only read its inf flags once more.
             for optimizer in self._torch_optimizers:
-                scaler.step(optimizer)
-        scaler.update()  # backs off when an unscale found inf/NaN
+                optimizer.step()
+        scaler.update()  # from the flags unscale_ recorded: backs off when one found inf/NaN
         return finite
 
     def _record(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -138,4 +138,4 @@ class Muon(torch.optim.Optimizer):
         out_channels = p.size(0)
         p.mul_(out_channels**0.5 / p.norm())
         update = self.orthogonalise(direction.reshape(out_channels, -1), steps=group["ns_steps"])
-        p.add_(update.reshape(p.shape).to(p.dtype), alpha=-group["lr"])
+        p.add_(update.reshape(p.shape), alpha=-group["lr"])  # the bf16 update is widened inside the add
