@@ -24,7 +24,7 @@ from helpers import ACCELERATE, REPO, TRAIN, env_for_tests, read_archive_slice, 
 from fasttrain.data import betons
 from fasttrain.data.convert import convert, main
 from fasttrain.data.manifest import beton_paths, field_names, loader_pipelines, verify
-from fasttrain.errors import DatasetError
+from fasttrain.errors import ConfigError, DatasetError
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 5
 
@@ -401,6 +401,29 @@ def test_existing_data_needs_no_lock(user_files, tmp_path):
         DatasetError, match="a-file/data: .*a-file is a file, not a directory; choose another --data.dir"
     ):
         under_a_file.__enter__()
+
+
+def test_a_data_dir_made_from_another_source_is_refused_not_trained_on(user_files, tmp_path, monkeypatch):
+    """Two .beton pairs of the same file names map to the same data/<name>-betons: the second must not train on the
+    first one's images. The default source (cifar10) with --data.dir takes whatever the directory holds."""
+    from accelerate import Accelerator
+
+    from fasttrain.config import DataSection
+    from fasttrain.data.prepare import prepare_data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the conversion's child process imports fasttrain from here
+    accelerator = Accelerator(cpu=True)
+    first, second = pair(user_files / "ffcv-example"), pair(user_files / "renamed")
+    data_dir, _ = prepare_data(DataSection(source=first), accelerator)
+    assert data_dir == Path("data/cifar_train-betons")
+    with pytest.raises(ConfigError) as refused:
+        prepare_data(DataSection(source=second), accelerator)
+    message = str(refused.value)
+    assert f"holds a data set converted from {first!r}, not from data.source {second!r}" in message
+    assert "choose another --data.dir" in message and "--force" in message
+    assert prepare_data(DataSection(source=first), accelerator)[0] == data_dir
+    assert prepare_data(DataSection(dir=str(data_dir)), accelerator)[0] == data_dir
 
 
 def _free_port() -> int:

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from fasttrain.config import DataSection, default_data_dir
-from fasttrain.data import betons
-from fasttrain.data.manifest import MANIFEST_NAME, convert_args, verify
+from fasttrain.data import betons, sources
+from fasttrain.data.manifest import MANIFEST_NAME, convert_args, convert_command, same_source, verify
 from fasttrain.errors import ConfigError, DatasetError, FasttrainError
 from fasttrain.files import nearest_existing
 from fasttrain.loop.distributed import any_rank
+
+DEFAULT_SOURCE = DataSection.source
 
 
 def data_dir_for(data: DataSection) -> Path:
@@ -100,4 +102,22 @@ def prepare_data(data: DataSection, accelerator) -> tuple[Path, dict[str, Any]]:
             f"data.dir {data_dir} holds subset={manifest.get('subset')}, but data.subset={data.subset}: "
             f"choose another --data.dir, or rerun conversion with --force"
         )
+    check_source(data, data_dir, manifest)
     return data_dir, manifest
+
+
+def check_source(data: DataSection, data_dir: Path, manifest: dict[str, Any]) -> None:
+    """A data directory converted from another source than `data.source` is refused, not trained on: two sources can
+    share a directory (data/<name>-betons for .beton pairs of the same file names, or a --data.dir given to both).
+    The default source, `cifar10`, takes whatever the directory holds: `--data.dir DIR` alone names a data set."""
+    if data.source == DEFAULT_SOURCE:
+        return
+    ref = sources.resolve(data.source)
+    if same_source(manifest, ref.kind, ref.identity, manifest.get("subset")):
+        return
+    held = manifest.get("source", {}).get("given")
+    again = convert_command(data.source, data_dir, data.subset, force=True)
+    raise ConfigError(
+        f"data.dir {data_dir} holds a data set converted from {held!r}, not from data.source {data.source!r}: "
+        f"choose another --data.dir, or convert into it again: `{again}`"
+    )
