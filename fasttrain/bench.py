@@ -55,7 +55,7 @@ from fasttrain.files import dumps, read_json
 from fasttrain.loop.optim import build_schedulers
 from fasttrain.loop.resolve import RunPlan, clamp_workers, configure_backends, make_accelerator, resolve
 from fasttrain.profiling import profile_steps, synchronize
-from fasttrain.train import build_model, build_run_loaders, build_run_optimizers
+from fasttrain.train import build_model, build_run_loaders, build_run_optimizers, earlier_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -528,6 +528,9 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise BenchError(f"--run-dir {run_dir} is a file, not a directory; choose another --run-dir")
+    resume = _option_value(extra, "--resume") or _option_value(extra, "--run.resume") or "no"
+    if resume == "no" and (found := earlier_run(run_dir)):
+        raise BenchError(f"--run-dir {run_dir} already holds a run ({found}); choose a new --run-dir, or delete it")
     if args.launcher == "accelerate":
         launcher = [
             sys.executable,

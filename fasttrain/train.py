@@ -95,18 +95,44 @@ def timestamped_run_dir(name: str) -> Path:
 
 
 def newest_run_dir(name: str) -> Path | None:
-    """The newest runs/<name>-<UTC time> of a single run: not another name that starts with <name>- (`exp-long-...`
-    for `exp`), nor a directory of repeats (it has no checkpoints/ of its own)."""
+    """The newest runs/<name>-<UTC time> of a single run that saved a checkpoint: not another name that starts with
+    <name>- (`exp-long-...` for `exp`), nor a directory of repeats, nor one left by a start that failed early."""
     stamped = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}")
     runs = Path("runs")
     if not runs.is_dir():
         return None
-    found = [p for p in runs.iterdir() if stamped.fullmatch(p.name) and (p / "checkpoints").is_dir()]
+    found = [p for p in runs.iterdir() if stamped.fullmatch(p.name) and checkpoint.checkpoint_dirs(p / "checkpoints")]
     return max(found, default=None)  # the fixed-width stamp sorts by time
 
 
+def earlier_run(run_dir: Path) -> str | None:
+    """What in `run_dir` a run wrote (the first such file found), or None: a start that failed early leaves none."""
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        if (run_dir / name).exists():
+            return name
+    return "checkpoints" if checkpoint.checkpoint_dirs(run_dir / "checkpoints") else None
+
+
+def run_dir_problem(run_dir: Path, resume: str) -> str | None:
+    """Why this run cannot write into `run_dir`, or None once run_dir/checkpoints exists and takes a file."""
+    if resume == "no" and (found := earlier_run(run_dir)):
+        return (
+            f"run.dir {run_dir} already holds a run ({found}); continue it with --resume auto, or choose another "
+            "--run.dir (nothing there was changed)"
+        )
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        return f"run.dir: cannot write to {run_dir} ({e.strerror}); choose a writable --run.dir"
+    return None
+
+
 def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """`run.dir`, or runs/<name>-<time>; with --resume auto and no run.dir, the newest run of that name."""
+    """`run.dir`, or runs/<name>-<time>; with --resume auto and no run.dir, the newest run of that name. A run
+    directory that holds a run already is refused unless resumed: a second run would overwrite the first's files."""
     if cfg.run.dir:
         run_dir = Path(cfg.run.dir)
     elif cfg.run.resume in ("auto", "force") and (earlier := newest_run_dir(cfg.run.name)):
@@ -114,17 +140,10 @@ def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     else:
         run_dir = timestamped_run_dir(cfg.run.name)
     run_dir = Path(from_main(accelerator, str(run_dir)))
-    if accelerator.is_main_process:
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(
-                f"run.dir: cannot write to {run_dir} ({e.strerror}); choose a writable --run.dir"
-            ) from None
-    accelerator.wait_for_everyone()
+    # The main process decides for every rank, so that all stop together.
+    problem = from_main(accelerator, run_dir_problem(run_dir, cfg.run.resume) if accelerator.is_main_process else None)
+    if problem:
+        raise ConfigError(problem)
     return run_dir
 
 

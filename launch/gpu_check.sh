@@ -201,10 +201,10 @@ fi
 bench=("$py" -m fasttrain.bench)
 
 # --- the steps ----------------------------------------------------------------------------------------------------
-e2e_run() {  # e2e_run STEP MODE
-    run_step "$1" "${ESTIMATE_S[$1]}" "${bench[@]}" e2e --config "$e2e_config" --target-acc "$target" \
-        --launcher accelerate --run-dir "$work/runs/resnet9-$2" -- --data.dir "$data" --data.mode "$2" \
-        --wandb.mode offline "${e2e[@]}"
+e2e_run() {  # e2e_run STEP MODE; a retried step starts in an empty run directory (the trainer refuses a used one)
+    run_step "$1" "${ESTIMATE_S[$1]}" bash -c 'rm -rf "$1" && shift && exec "$@"' _ "$work/runs/resnet9-$2" \
+        "${bench[@]}" e2e --config "$e2e_config" --target-acc "$target" --launcher accelerate \
+        --run-dir "$work/runs/resnet9-$2" -- --data.dir "$data" --data.mode "$2" --wandb.mode offline "${e2e[@]}"
 }
 step_resnet9() {
     # W&B samples the GPU (memory, utilisation) every second rather than every 15: a 20-second run gets a series.

@@ -122,7 +122,7 @@ def test_all_damaged_is_a_config_error_naming_the_directory(run, tmp_path):
     announced: list[str] = []
     with pytest.raises(ConfigError, match=re.escape(str(tmp_path))) as error:
         checkpoint.find_resume(tmp_path, announced.append)
-    assert "--resume no" in str(error.value) and "\n" not in str(error.value)
+    assert "another --run.dir" in str(error.value) and "\n" not in str(error.value)
     assert len(announced) == 2
     assert all(c.is_dir() for c in ckpts)
 

@@ -231,11 +231,28 @@ def test_resume_auto_without_run_dir_takes_the_newest_run_of_that_name_only(tmp_
     for name in ("exp-20261130-090000", "exp-20261201-090000", "exp-long-20271231-235959", "exp-20261201-120000"):
         (tmp_path / "runs" / name).mkdir(parents=True)
     for name in ("exp-20261130-090000", "exp-20261201-090000", "exp-long-20271231-235959"):
-        (tmp_path / "runs" / name / "checkpoints").mkdir()
-    # exp-long-... is another run's name; exp-20261201-120000 holds repeats (no checkpoints/ of its own).
+        (tmp_path / "runs" / name / "checkpoints" / "ckpt-e0001-s0000004").mkdir(parents=True)
+    (tmp_path / "runs" / "exp-20261201-130000" / "checkpoints").mkdir(parents=True)
+    # exp-long-... is another run's name; exp-20261201-120000 holds repeats (no checkpoints/ of its own);
+    # exp-20261201-130000 is what a start that failed before its first checkpoint leaves.
     assert newest_run_dir("exp") == Path("runs") / "exp-20261201-090000"
     cfg = load_config(["--config", "cpu_quick", "--run.name", "exp", "--resume", "auto"])
     assert make_run_dir(cfg, Accelerator(cpu=True)) == Path("runs") / "exp-20261201-090000"
+
+
+def test_a_second_run_into_a_run_directory_is_refused_unless_it_resumes(finished_run, data_dir, tmp_path):
+    """Without --resume, a second run would overwrite the first's metrics, summary, model and checkpoints."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    again = [*TINY, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--wandb.mode", "disabled"]
+    proc = run_train(again, tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"run.dir {run_dir} already holds a run (config.yaml); continue it with --resume auto" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
 
 
 def test_no_config_means_resnet9_on_cuda_and_cpu_quick_elsewhere_said_once_per_machine(monkeypatch, capsys):

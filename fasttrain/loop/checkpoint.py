@@ -306,7 +306,7 @@ def find_resume(ckpt_root: Path, announce: Callable[[str], None]) -> Path | None
         return None
     raise ConfigError(
         f"no intact checkpoint in {ckpt_root}: all {len(candidates)} are damaged (reasons above). "
-        "Start over with --resume no, or delete the damaged checkpoints"
+        "Start over in another --run.dir, or delete the damaged checkpoints"
     )
 
 
