@@ -385,6 +385,25 @@ def test_the_space_checked_for_is_at_least_what_a_conversion_writes(cifar_slice_
         assert split["bytes"] <= convert_module._beton_bytes_at_most(same_shape) <= 2 * split["bytes"]
 
 
+def test_an_out_that_cannot_be_made_is_refused_before_any_image_is_decoded(tmp_path, monkeypatch):
+    write_cifar_pickles(tmp_path / "cifar-10-batches-py", np.random.default_rng(0))
+    (tmp_path / "a-file").write_text("")
+    result = run_convert_cli("--source", str(tmp_path / "cifar-10-batches-py"), "--out", str(tmp_path / "a-file" / "x"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--out {tmp_path / 'a-file' / 'x'}: {tmp_path / 'a-file'} is a file, not a directory" in result.stderr
+
+    def unwritable(self, *args, **kwargs):  # a read-only filesystem (root writes anywhere on this one)
+        raise OSError(30, "Read-only file system")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the source was decoded before the destination was checked")
+
+    monkeypatch.setattr(convert_module.Path, "mkdir", unwritable)
+    monkeypatch.setattr(convert_module.sources, "load", no_decoding)
+    with pytest.raises(DatasetError, match=r"cannot write in .* \(Read-only file system\); choose a writable --out"):
+        convert(str(tmp_path / "cifar-10-batches-py"), tmp_path / "ro" / "data", progress=False)
+
+
 def test_cli_prints_only_the_message_and_exits_2(tmp_path):
     result = run_convert_cli("--source", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2

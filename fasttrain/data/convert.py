@@ -50,7 +50,7 @@ from fasttrain.data.manifest import (
     write_manifest,
 )
 from fasttrain.errors import EXIT_OK, DatasetError, exit_process, run_command
-from fasttrain.files import fsync_path
+from fasttrain.files import fsync_path, nearest_existing
 
 SUBSET_RULE = (
     "the first N // C images of each class in source order, one more for the first N % C classes "
@@ -226,6 +226,22 @@ def _check_destination(
     )
 
 
+def _check_writable_parent(out: Path) -> None:
+    """Make `out`'s parent if missing and check that a directory can be made in it (where the conversion is built)."""
+    probe = out.parent / f".{out.name}.probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        existing = nearest_existing(out.parent)
+        if not os.path.isdir(existing):
+            raise DatasetError(f"--out {out}: {existing} is a file, not a directory; choose another --out") from None
+        raise DatasetError(
+            f"--out {out}: cannot write in {out.parent} ({e.strerror}); choose a writable --out"
+        ) from None
+
+
 def _install(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished `tmp` to `out`; with force, swap out an existing `out` and delete it afterwards."""
     try:
@@ -262,13 +278,13 @@ def convert(
         verify(out)
         print(f"{out} already holds this conversion (source {source!r}, subset {subset}): reused, not rewritten")
         return existing
+    _check_writable_parent(out)  # before minutes of decoding
 
     if ref.kind == "beton":
         manifest = _beton_manifest(source, ref)
         dataset = None
     else:
         dataset = sources.load(ref, subset, Path(cache_dir) if cache_dir else None, progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if dataset is not None:
         _check_free_space(out.parent, dataset)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
