@@ -147,13 +147,45 @@ def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return run_dir
 
 
-def build_model(cfg: Config, plan: RunPlan) -> tuple[torch.nn.Module, dict]:
-    """The configured model (channels-last if asked) and its size: params, FLOPs per image."""
+def build_model(cfg: Config, plan: RunPlan, manifest: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """The configured model (channels-last if asked) and its size: params, FLOPs per image. With the data set's
+    manifest, a model that does not fit its images or classes is refused first (check_model_fits_data)."""
     model = models.create(cfg.model["name"], **{k: v for k, v in cfg.model.items() if k != "name"})
-    info = {"params": models.count_params(model), "flops_per_image": models.flops_per_image(model)}
+    image_size = (3, 32, 32)
+    if manifest is not None:
+        check_model_fits_data(model, cfg, manifest)
+        height, width, channels = manifest["image_shape"]
+        image_size = (channels, height, width)
+    info = {"params": models.count_params(model), "flops_per_image": models.flops_per_image(model, image_size)}
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, info
+
+
+def check_model_fits_data(model: torch.nn.Module, cfg: Config, manifest: dict) -> None:
+    """One blank image through the model (eval mode, no gradient: nothing changes) before any work, so that model
+    settings which do not fit the data (model.in_channels, model.num_classes) are one line, not a crash mid-run."""
+    height, width, channels = manifest["image_shape"]
+    classes = len(manifest["classes"])
+    name, training = cfg.model["name"], model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, channels, height, width))
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ConfigError(
+            f"model {name} cannot read the data's {channels}-channel {height}x{width} images ({reason}); "
+            f"check its model.* settings"
+        ) from None
+    finally:
+        model.train(training)
+    if tuple(logits.shape) != (1, classes):
+        outputs = logits.shape[1] if logits.ndim == 2 else f"{tuple(logits.shape[1:])}-shaped"
+        raise ConfigError(
+            f"model {name} gives {outputs} outputs per image, but the data set has {classes} classes; "
+            f"set --model.num_classes {classes}"
+        )
 
 
 def initialise_from_data(model: torch.nn.Module, train_loader) -> float:
@@ -248,7 +280,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     train_loader, eval_loader = build_run_loaders(cfg, plan, data_dir, rank=accelerator.process_index)
     steps_per_epoch = len(train_loader)
 
-    model, model_info = build_model(cfg, plan)
+    model, model_info = build_model(cfg, plan, manifest)
     data_init_s = initialise_from_data(model, train_loader)
     t = cfg.train
     optimizers = build_run_optimizers(model, cfg, plan)

@@ -255,6 +255,23 @@ def test_a_second_run_into_a_run_directory_is_refused_unless_it_resumes(finished
     assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
 
 
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        (["--model.num_classes", "5"], "model deepcnn gives 5 outputs per image, but the data set has 10 classes; "
+         "set --model.num_classes 10"),
+        (["--model.in_channels", "1"], "model deepcnn cannot read the data's 3-channel 32x32 images (Given groups=1"),
+    ],
+)  # fmt: skip
+def test_a_model_that_does_not_fit_the_data_is_refused_before_training(setting, words, data_dir, tmp_path):
+    """Else 5 classes crash at the first loss (on a GPU, a device-side assert), and 1 channel at the first conv."""
+    proc = run_train([*TINY, "--data.dir", str(data_dir), "--run.dir", str(tmp_path / "r"), *setting], tmp_path,
+                     check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert words in proc.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
 def test_no_config_means_resnet9_on_cuda_and_cpu_quick_elsewhere_said_once_per_machine(monkeypatch, capsys):
     import torch
 
