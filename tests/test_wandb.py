@@ -3,6 +3,7 @@ from the environment (sweeps), failures that never end a run, the model artifact
 sweep file."""
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -205,6 +206,19 @@ def test_environment_decides_what_the_config_leaves_unset(clean_env, tmp_path, m
     run.finish()
     recorded = _summary(run)
     assert (recorded["project"], recorded["name"], recorded["tags"]) == ("mine", "my-name", ["a"])
+
+
+@pytest.mark.parametrize("spelling", ["OFFLINE", " offline", "dryrun"])
+def test_wandb_mode_in_any_spelling_fasttrain_takes_starts_a_real_offline_run(clean_env, tmp_path, monkeypatch,
+                                                                              spelling):  # fmt: skip
+    """W&B's own settings read WANDB_MODE too and refuse `OFFLINE`: fasttrain's reading must be the one W&B sees."""
+    monkeypatch.setenv("WANDB_MODE", spelling)
+    notes = []
+    run = start_wandb("auto", config={}, run_dir=tmp_path / "run", system_stats=False, announce=notes.append)
+    run.finish()
+    assert run.mode == "offline" and notes[0].startswith("W&B offline (WANDB_MODE="), notes
+    assert (run.run_dir_path / f"run-{run.id}.wandb").exists()
+    assert os.environ["WANDB_MODE"] == spelling  # the user's value, for the next run of the process
 
 
 def test_without_environment_the_project_is_fasttrain_and_the_name_the_default(clean_env, tmp_path):

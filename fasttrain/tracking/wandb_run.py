@@ -23,7 +23,8 @@ import os
 import re
 import secrets
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,8 @@ def start_wandb(
         finish_timeout=finish_timeout_s,
     )
     try:
-        run, resolved, reason = _init(resolved, reason, Path(run_dir), init_args, settings)
+        with _wandb_mode_env(resolved):
+            run, resolved, reason = _init(resolved, reason, Path(run_dir), init_args, settings)
     except Exception as error:  # noqa: BLE001 - a W&B that cannot start must not stop training
         announce(f"W&B start failed, W&B is off for this run: {_first_line(error)}")
         return WandbRun(None, "disabled", announce)
@@ -227,6 +229,22 @@ def start_wandb(
     wandb_run = WandbRun(run, resolved, announce)
     wandb_run._define_metrics()
     return wandb_run
+
+
+@contextmanager
+def _wandb_mode_env(mode: str) -> Iterator[None]:
+    """A WANDB_MODE in the environment reads as `mode` while W&B starts: W&B's settings read the variable too, and
+    refuse spellings fasttrain takes (`OFFLINE`, an empty value). The user's value is back afterwards, for the next
+    run of the process (repeats decide their mode again)."""
+    saved = os.environ.get("WANDB_MODE")
+    if saved is None:
+        yield
+        return
+    os.environ["WANDB_MODE"] = mode
+    try:
+        yield
+    finally:
+        os.environ["WANDB_MODE"] = saved
 
 
 def _init(mode: str, reason: str, run_dir: Path, init_args: dict, settings: dict) -> tuple[Any, str, str]:
