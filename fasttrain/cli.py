@@ -7,7 +7,8 @@
     fasttrain compare   --grid NAME|PATH [--out DIR]                  the connections experiment (plain/residual/skip)
     fasttrain dashboard --project P [--entity E]                      save fasttrain's W&B workspace
 
-`fasttrain COMMAND --help` describes each. Exit codes are the same for all (fasttrain/errors.py).
+`fasttrain COMMAND --help` describes each; `fasttrain --version` prints the version. Exit codes are the same for
+all (fasttrain/errors.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def command(argv: list[str]) -> int:
     """Dispatch to the subcommand's own `main`, which reports its errors under its own name."""
     if argv[:1] in (["-h"], ["--help"]):
         print(usage())
+        return EXIT_OK
+    if argv[:1] in (["-V"], ["--version"]):
+        from fasttrain import __version__
+
+        print(f"fasttrain {__version__}")
         return EXIT_OK
     if not argv:
         print(usage(), file=sys.stderr)

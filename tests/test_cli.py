@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, env_for_tests
 
+import fasttrain
 from fasttrain import cli
 from fasttrain.errors import EXIT_BAD_INPUT, EXIT_OK, run_command
 from fasttrain.loop.distributed import StopSignals
@@ -44,6 +45,9 @@ def test_console_script_prints_its_usage_and_refuses_an_unknown_command(tmp_path
 
     bare = run([FASTTRAIN], tmp_path)
     assert bare.returncode == EXIT_BAD_INPUT and "fasttrain COMMAND" in bare.stderr and bare.stdout == ""
+
+    version = run([FASTTRAIN, "--version"], tmp_path)
+    assert version.returncode == EXIT_OK and version.stdout == f"fasttrain {fasttrain.__version__}\n"
 
 
 def test_console_script_reports_a_bad_input_in_one_line(tmp_path):
