@@ -330,6 +330,14 @@ def _read_text(path) -> str:
         raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """The parser's problem and where it is, in one line ("expected ',' or '}', but got ':' at line 2, column 6")."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem is None:
+        return str(error).splitlines()[0]
+    return f"{problem}" + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
+
+
 def is_sections(data: Any) -> bool:
     """Whether `data` (read from YAML) has a configuration's shape: sections of key: value pairs."""
     return isinstance(data, dict) and all(isinstance(values, dict) for values in data.values())
@@ -340,7 +348,7 @@ def load_yaml(path) -> dict[str, dict[str, Any]]:
     try:
         data = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     if not is_sections(data):
         raise ConfigError(f"{path}: expected sections of key: value pairs (run:, data:, model:, train:, ...)")
     return {str(section): {str(key): value for key, value in values.items()} for section, values in data.items()}

@@ -207,6 +207,7 @@ def test_adamw_groups_of_one_optimiser_keep_their_own_beta1():
         (b"param_groups: {1: {params: ['nothing*']}}\n", ["param_groups.1", "nothing*", "matches no"]),
         (b"run: {name: caf\xe9}\n", ["not UTF-8 text", "0xe9", "save it as UTF-8"]),
         (b"model: {name: [deepcnn]}\n", ["model.name", "['deepcnn']", "deepcnn"]),
+        (b"train: {epochs: 3\nmodel: x\n", ["not valid YAML: expected ',' or '}', but got ':' at line 2, column 6"]),
     ],
 )
 def test_recipe_of_wrong_types_or_encoding_is_one_config_error(tmp_path, recipe_bytes, words):
@@ -216,6 +217,7 @@ def test_recipe_of_wrong_types_or_encoding_is_one_config_error(tmp_path, recipe_
         load_config(["--config", str(recipe)])
     for word in words:
         assert word in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(

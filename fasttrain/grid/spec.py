@@ -19,7 +19,7 @@ from typing import Any, get_args
 
 import yaml
 
-from fasttrain.config import is_sections
+from fasttrain.config import is_sections, yaml_problem
 from fasttrain.errors import ConfigError
 
 GRID_KEYS = ("base", "blocks", "blocks_per_stage", "dropout", "overrides")
@@ -148,7 +148,7 @@ def load_grid(name_or_path: str) -> Grid:
     except OSError as e:
         raise ConfigError(f"{where}: cannot read {path} ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{where}: not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected key: value pairs ({', '.join(GRID_KEYS)})")
     unknown = [key for key in spec if key not in GRID_KEYS]
