@@ -55,7 +55,7 @@ from fasttrain.files import dumps, read_json
 from fasttrain.loop.optim import build_schedulers
 from fasttrain.loop.resolve import RunPlan, clamp_workers, configure_backends, make_accelerator, resolve
 from fasttrain.profiling import profile_steps, synchronize
-from fasttrain.train import build_model, build_run_loaders, build_run_optimizers, earlier_run
+from fasttrain.train import build_model, build_run_loaders, build_run_optimizers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -519,6 +519,13 @@ def _option_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _modified_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     train_py = Path(fasttrain.__file__).resolve().parent / "train.py"
     run_dir = _option_value(extra, "--run.dir")
@@ -528,9 +535,6 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise BenchError(f"--run-dir {run_dir} is a file, not a directory; choose another --run-dir")
-    resume = _option_value(extra, "--resume") or _option_value(extra, "--run.resume") or "no"
-    if resume == "no" and (found := earlier_run(run_dir)):
-        raise BenchError(f"--run-dir {run_dir} already holds a run ({found}); choose a new --run-dir, or delete it")
     if args.launcher == "accelerate":
         launcher = [
             sys.executable,
@@ -550,7 +554,7 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     if args.target_acc is not None:
         cmd += ["--train.target_acc", str(args.target_acc)]
     summary_path = run_dir / "summary.json"
-    summary_path.unlink(missing_ok=True)  # a stale summary must not pass for this run's
+    earlier_summary = _modified_ns(summary_path)  # a resumed run's, or one the trainer refuses to overwrite
     log(f"e2e: {' '.join(cmd)}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -561,7 +565,7 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         raise BenchError(f"the trainer ran past --timeout {args.timeout} s and was stopped") from None
     process_wall_s = time.perf_counter() - t0
-    if not summary_path.exists():
+    if _modified_ns(summary_path) in (None, earlier_summary):
         raise BenchError(f"the trainer exited {proc.returncode} without writing {summary_path} (its output is above)")
     summary = read_json(summary_path)
     keys = (

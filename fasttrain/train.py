@@ -115,12 +115,11 @@ def earlier_run(run_dir: Path) -> str | None:
 
 def run_dir_problem(run_dir: Path, resume: str) -> str | None:
     """Why this run cannot write into `run_dir`, or None once run_dir/checkpoints exists and takes a file."""
-    if resume == "no" and (found := earlier_run(run_dir)):
-        return (
-            f"run.dir {run_dir} already holds a run ({found}); continue it with --resume auto, or choose another "
-            "--run.dir (nothing there was changed)"
-        )
     try:
+        if resume == "no" and (found := earlier_run(run_dir)):
+            saved = checkpoint.checkpoint_dirs(run_dir / "checkpoints")
+            how = "continue it with --resume auto" if saved else "it saved no checkpoint: --resume auto starts it over"
+            return f"run.dir {run_dir} already holds a run ({found}); {how}, or choose another --run.dir"
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("ok")
@@ -167,10 +166,9 @@ def check_model_fits_data(model: torch.nn.Module, cfg: Config, manifest: dict) -
     settings which do not fit the data (model.in_channels, model.num_classes) are one line, not a crash mid-run."""
     height, width, channels = manifest["image_shape"]
     classes = len(manifest["classes"])
-    name, training = cfg.model["name"], model.training
-    model.eval()
+    name = cfg.model["name"]
     try:
-        with torch.no_grad():
+        with models.evaluating(model):
             logits = model(torch.zeros(1, channels, height, width))
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[0]
@@ -178,8 +176,6 @@ def check_model_fits_data(model: torch.nn.Module, cfg: Config, manifest: dict) -
             f"model {name} cannot read the data's {channels}-channel {height}x{width} images ({reason}); "
             f"check its model.* settings"
         ) from None
-    finally:
-        model.train(training)
     if tuple(logits.shape) != (1, classes):
         outputs = logits.shape[1] if logits.ndim == 2 else f"{tuple(logits.shape[1:])}-shaped"
         raise ConfigError(

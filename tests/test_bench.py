@@ -200,8 +200,10 @@ def test_e2e_runs_the_trainer_and_reads_its_summary(data_dir, tmp_path):
             "gc_collections")  # fmt: skip
     for key in keys:
         assert result[key] == summary[key], f"{key}: the trainer's summary.json, as it wrote it"
+    # A second measurement into the same directory: the trainer refuses it, and the first run's summary stays.
     again, _ = bench("e2e", "--config", "deepcnn", "--run-dir", str(tmp_path / "run"), check=False)
-    assert again.returncode == 2 and "already holds a run (config.yaml); choose a new --run-dir" in again.stderr
+    assert again.returncode == 2 and "already holds a run (config.yaml)" in again.stderr
+    assert "without writing" in again.stderr.splitlines()[-1]
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
 
 

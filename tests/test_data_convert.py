@@ -30,7 +30,7 @@ from fasttrain.data import convert as convert_module
 from fasttrain.data import sources as source_kinds
 from fasttrain.data.convert import convert
 from fasttrain.data.manifest import verify
-from fasttrain.errors import DatasetError
+from fasttrain.errors import ConfigError, DatasetError
 
 PICKLE_NAMES = ["truck", "airplane", "cat"]  # batches.meta order; fasttrain numbers classes in sorted order
 FOLDER_CLASSES = ["bird", "cat", "dog"]
@@ -349,6 +349,24 @@ def test_mismatching_request_is_refused_then_forced(sources, converted, tmp_path
     assert manifest["splits"]["train"]["count"] == 30
     assert os.stat(out).st_ino != before[out.name][0], "--force must rename a new directory into place"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_the_trainer_takes_a_data_dir_of_its_source_even_once_the_source_is_gone(sources, converted, tmp_path):
+    """The trainer's check of data.source against a data directory: another source that exists is refused; the same
+    one, or one deleted or moved since it was converted (the directory holds every image), is taken."""
+    from accelerate import Accelerator
+
+    from fasttrain.config import DataSection
+    from fasttrain.data.prepare import prepare_data
+
+    accelerator, out = Accelerator(cpu=True), tmp_path / "data"
+    source = shutil.copytree(sources["folder"]["source"], tmp_path / "tree")
+    convert(str(source), out, progress=False)
+    with pytest.raises(ConfigError, match=f"holds a data set converted from '{source}', not from data.source"):
+        prepare_data(DataSection(source=sources["pickle-folder"]["source"], dir=str(out)), accelerator)
+    assert prepare_data(DataSection(source=str(source), dir=str(out)), accelerator)[0] == out
+    source.rename(tmp_path / "moved")
+    assert prepare_data(DataSection(source=str(source), dir=str(out)), accelerator)[0] == out
 
 
 # ---- bad input ----

@@ -249,8 +249,9 @@ def test_warm_up_leaves_the_epoch_alone(loaders, mode):
     assert len([labels for _, labels in train]) == len(train) and train.epoch == 4
 
 
-def test_a_resident_warm_up_draws_from_no_epochs_random_stream(loaders):
-    """The warm-up augments a batch with its own generator: an epoch after it is augmented as without it."""
+def test_an_epoch_after_a_resident_warm_up_is_the_epoch_without_one(loaders):
+    """The warm-up augments a batch with a generator of its own and leaves the augmenter and the epoch counter alone:
+    the next epoch's batches are those of a loader that was never warmed up."""
     warmed, _ = loaders("resident", batch_size=4)
     cold, _ = loaders("resident", batch_size=4, seed=0, workers=1)  # the same options, built apart
     assert warmed is not cold

@@ -240,7 +240,7 @@ def test_resume_auto_without_run_dir_takes_the_newest_run_of_that_name_only(tmp_
     assert make_run_dir(cfg, Accelerator(cpu=True)) == Path("runs") / "exp-20261201-090000"
 
 
-def test_a_second_run_into_a_run_directory_is_refused_unless_it_resumes(finished_run, data_dir, tmp_path):
+def test_a_second_run_into_a_used_run_directory_without_resume_is_refused(finished_run, data_dir, tmp_path):
     """Without --resume, a second run would overwrite the first's metrics, summary, model and checkpoints."""
     import shutil
 
@@ -270,6 +270,15 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_training(setting, 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert words in proc.stderr
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_a_run_dir_that_cannot_even_be_looked_into_is_one_message(tmp_path):
+    """Looking for an earlier run reads the directory first; its OSError (here a name over the filesystem's limit)
+    is the same one-line refusal as a failed write."""
+    from fasttrain.train import run_dir_problem
+
+    problem = run_dir_problem(tmp_path / ("x" * 300) / "run", "no")
+    assert problem is not None and problem.startswith("run.dir: cannot write to") and "too long" in problem
 
 
 def test_no_config_means_resnet9_on_cuda_and_cpu_quick_elsewhere_said_once_per_machine(monkeypatch, capsys):

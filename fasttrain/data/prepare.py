@@ -109,10 +109,14 @@ def prepare_data(data: DataSection, accelerator) -> tuple[Path, dict[str, Any]]:
 def check_source(data: DataSection, data_dir: Path, manifest: dict[str, Any]) -> None:
     """A data directory converted from another source than `data.source` is refused, not trained on: two sources can
     share a directory (data/<name>-betons for .beton pairs of the same file names, or a --data.dir given to both).
-    The default source, `cifar10`, takes whatever the directory holds: `--data.dir DIR` alone names a data set."""
+    The default source, `cifar10`, takes whatever the directory holds: `--data.dir DIR` alone names a data set, and
+    so does a source that has gone since it was converted (a deleted archive: the conversion holds every image)."""
     if data.source == DEFAULT_SOURCE:
         return
-    ref = sources.resolve(data.source)
+    try:
+        ref = sources.resolve(data.source)
+    except DatasetError:
+        return
     if same_source(manifest, ref.kind, ref.identity, manifest.get("subset")):
         return
     held = manifest.get("source", {}).get("given")

@@ -316,7 +316,7 @@ def check_explicit(path: Path) -> None:
     if reason is not None:
         raise ConfigError(
             f"run.resume: {path} is not an intact fasttrain checkpoint: {reason}. "
-            "Name another checkpoint, or use --resume auto (the newest intact one) or --resume no (start over)"
+            "Name another checkpoint, use --resume auto (the newest intact one), or start over in another --run.dir"
         )
 
 

@@ -6,7 +6,7 @@ from fasttrain.models.deepcnn import DeepCNN
 from fasttrain.models.layers import Mul, PlainBlock, Residual, ResidualBlock, SkipConnectionBlock, conv_bn, conv_bn_relu
 from fasttrain.models.registry import canonical_name, create, data_init, describe, former_names, names, register
 from fasttrain.models.resnet import ResNet9FFCV, ResNet9Myrtle, ResNet18
-from fasttrain.models.stats import count_params, flops_per_image
+from fasttrain.models.stats import count_params, evaluating, flops_per_image
 
 __all__ = [
     "Airbench94",
@@ -26,6 +26,7 @@ __all__ = [
     "create",
     "data_init",
     "describe",
+    "evaluating",
     "flops_per_image",
     "former_names",
     "names",
