@@ -105,21 +105,23 @@ def newest_run_dir(name: str) -> Path | None:
     return max(found, default=None)  # the fixed-width stamp sorts by time
 
 
-def earlier_run(run_dir: Path) -> str | None:
-    """What in `run_dir` a run wrote (the first such file found), or None: a start that failed early leaves none."""
-    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
-        if (run_dir / name).exists():
-            return name
-    return "checkpoints" if checkpoint.checkpoint_dirs(run_dir / "checkpoints") else None
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # what a run writes; a start that failed early, none
 
 
 def run_dir_problem(run_dir: Path, resume: str) -> str | None:
-    """Why this run cannot write into `run_dir`, or None once run_dir/checkpoints exists and takes a file."""
+    """Why this run cannot write into `run_dir` (without --resume, one that holds a run: the first of its files found
+    is named), or None once run_dir/checkpoints exists and takes a file."""
     try:
-        if resume == "no" and (found := earlier_run(run_dir)):
+        if resume == "no":
             saved = checkpoint.checkpoint_dirs(run_dir / "checkpoints")
-            how = "continue it with --resume auto" if saved else "it saved no checkpoint: --resume auto starts it over"
-            return f"run.dir {run_dir} already holds a run ({found}); {how}, or choose another --run.dir"
+            found = next((name for name in RUN_FILES if (run_dir / name).exists()), "checkpoints" if saved else None)
+            if found:
+                how = (
+                    "continue it with --resume auto"
+                    if saved
+                    else "it saved no checkpoint: --resume auto starts it over"
+                )
+                return f"run.dir {run_dir} already holds a run ({found}); {how}, or choose another --run.dir"
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("ok")
@@ -152,24 +154,23 @@ def build_model(cfg: Config, plan: RunPlan, manifest: dict | None = None) -> tup
     model = models.create(cfg.model["name"], **{k: v for k, v in cfg.model.items() if k != "name"})
     image_size = (3, 32, 32)
     if manifest is not None:
-        check_model_fits_data(model, cfg, manifest)
         height, width, channels = manifest["image_shape"]
         image_size = (channels, height, width)
+        check_model_fits_data(model, cfg.model["name"], image_size, len(manifest["classes"]))
     info = {"params": models.count_params(model), "flops_per_image": models.flops_per_image(model, image_size)}
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, info
 
 
-def check_model_fits_data(model: torch.nn.Module, cfg: Config, manifest: dict) -> None:
-    """One blank image through the model (eval mode, no gradient: nothing changes) before any work, so that model
-    settings which do not fit the data (model.in_channels, model.num_classes) are one line, not a crash mid-run."""
-    height, width, channels = manifest["image_shape"]
-    classes = len(manifest["classes"])
-    name = cfg.model["name"]
+def check_model_fits_data(model: torch.nn.Module, name: str, image_size: tuple[int, int, int], classes: int) -> None:
+    """One blank image (channels, height, width) through the model (eval mode, no gradient: nothing changes) before
+    any work, so that model settings which do not fit the data (model.in_channels, model.num_classes) are one line,
+    not a crash mid-run."""
+    channels, height, width = image_size
     try:
         with models.evaluating(model):
-            logits = model(torch.zeros(1, channels, height, width))
+            logits = model(torch.zeros(1, *image_size))
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[0]
         raise ConfigError(
