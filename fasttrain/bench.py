@@ -50,7 +50,15 @@ import fasttrain
 from fasttrain import models
 from fasttrain.config import Config, DataSection, build_config
 from fasttrain.data.loaders import MODE_ALIASES
-from fasttrain.errors import EXIT_OK, EXIT_TRAINER_FAILED, ConfigError, FasttrainError, exit_process, run_command
+from fasttrain.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    EXIT_TRAINER_FAILED,
+    ConfigError,
+    FasttrainError,
+    exit_process,
+    run_command,
+)
 from fasttrain.files import dumps, read_json
 from fasttrain.loop.optim import build_schedulers
 from fasttrain.loop.resolve import RunPlan, clamp_workers, configure_backends, make_accelerator, resolve
@@ -62,6 +70,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 class BenchError(FasttrainError):
     pass
+
+
+class TrainerFailed(BenchError):
+    """The trainer `bench e2e` started failed in a way its own output explains (a crash, a timeout)."""
+
+    exit_code = EXIT_TRAINER_FAILED
 
 
 def log(message: str) -> None:
@@ -563,10 +577,12 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
             cmd, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(), env=env, timeout=args.timeout
         )
     except subprocess.TimeoutExpired:
-        raise BenchError(f"the trainer ran past --timeout {args.timeout} s and was stopped") from None
+        raise TrainerFailed(f"the trainer ran past --timeout {args.timeout} s and was stopped") from None
     process_wall_s = time.perf_counter() - t0
     if _modified_ns(summary_path) in (None, earlier_summary):
-        raise BenchError(f"the trainer exited {proc.returncode} without writing {summary_path} (its output is above)")
+        # A trainer that refused its options as bad input (2) is bench's bad input too; anything else failed it.
+        failure = BenchError if proc.returncode == EXIT_BAD_INPUT else TrainerFailed
+        raise failure(f"the trainer exited {proc.returncode} without writing {summary_path} (its output is above)")
     summary = read_json(summary_path)
     keys = (
         "status",

@@ -3,7 +3,8 @@
 Exit codes, the same for every fasttrain command (the EXIT_* names below; entry points return them, never literals):
   0 `EXIT_OK` finished.
   1 an unexpected failure (a bug: the traceback is shown); also `EXIT_TRAINER_FAILED`: a trainer process that
-    `fasttrain compare` (a grid cell) or `fasttrain bench e2e` started failed, its own output says why.
+    `fasttrain compare` (a grid cell) or `fasttrain bench e2e` started failed, its own output says why (`bench e2e`
+    exits 2 instead when its trainer refused the options it was given as bad input).
   2 `EXIT_BAD_INPUT` bad input or a broken environment the user can fix (`FasttrainError`), and argparse's usage
     errors.
   3 `EXIT_NONFINITE` training stopped on a non-finite loss.

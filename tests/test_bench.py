@@ -207,6 +207,20 @@ def test_e2e_runs_the_trainer_and_reads_its_summary(data_dir, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
 
 
+def test_e2e_exits_1_when_its_trainer_fails_and_2_only_when_it_refused_bad_input(tmp_path):
+    # Stopped by --timeout while it imports torch, the trainer writes nothing: that is a failed trainer (1).
+    stopped, _ = bench(
+        "e2e", "--config", "deepcnn", "--run-dir", str(tmp_path / "run"), "--timeout", "0.2", check=False
+    )
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    assert stopped.stderr.splitlines()[-1].endswith("the trainer ran past --timeout 0.2 s and was stopped")
+    # An option the trainer does not know is the bench user's bad input (2), in one line after the trainer's own.
+    refused, _ = bench("e2e", "--config", "deepcnn", "--run-dir", str(tmp_path / "run2"), "--", "--train.nope", "1",
+                       check=False)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "train.nope" in refused.stderr and "without writing" in refused.stderr.splitlines()[-1]
+
+
 def test_loader_clamps_workers_to_the_cpus_with_a_one_line_notice(data_dir):
     from fasttrain.loop.resolve import usable_cpus
 
