@@ -11,9 +11,12 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -131,9 +134,10 @@ def run_dir_problem(run_dir: Path, resume: str) -> str | None:
     return None
 
 
-def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+def make_run_dir(cfg: Config, accelerator: Accelerator) -> tuple[Path, Path | None]:
     """`run.dir`, or runs/<name>-<time>; with --resume auto and no run.dir, the newest run of that name. A run
-    directory that holds a run already is refused unless resumed: a second run would overwrite the first's files."""
+    directory that holds a run already is refused unless resumed: a second run would overwrite the first's files.
+    Also returns the outermost folder the main process created for it (None elsewhere, or if it was there)."""
     if cfg.run.dir:
         run_dir = Path(cfg.run.dir)
     elif cfg.run.resume in ("auto", "force") and (earlier := newest_run_dir(cfg.run.name)):
@@ -141,11 +145,26 @@ def make_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     else:
         run_dir = timestamped_run_dir(cfg.run.name)
     run_dir = Path(from_main(accelerator, str(run_dir)))
+    created = None
+    if accelerator.is_main_process:
+        created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     # The main process decides for every rank, so that all stop together.
     problem = from_main(accelerator, run_dir_problem(run_dir, cfg.run.resume) if accelerator.is_main_process else None)
     if problem:
         raise ConfigError(problem)
-    return run_dir
+    return run_dir, created
+
+
+@contextmanager
+def removed_unless_written(created: Path | None) -> Iterator[None]:
+    """A start that fails before the run writes a file (a bad data source, a model that does not fit the images)
+    removes the empty folders it made for the run, so none of them is left to look like a run."""
+    try:
+        yield
+    except BaseException:
+        if created is not None and not any(p.is_file() or p.is_symlink() for p in created.rglob("*")):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def build_model(cfg: Config, plan: RunPlan, manifest: dict | None = None) -> tuple[torch.nn.Module, dict]:
@@ -270,57 +289,58 @@ def train(cfg: Config, argv: list[str]) -> dict:
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)  # gpu_mem_gb is this run's peak, not a repeat's before
     set_seed(cfg.run.seed)
-    run_dir = make_run_dir(cfg, accelerator)
+    run_dir, created = make_run_dir(cfg, accelerator)
 
-    data_dir, manifest = prepare_data(cfg.data, accelerator)
-    d = cfg.data
-    train_loader, eval_loader = build_run_loaders(cfg, plan, data_dir, rank=accelerator.process_index)
-    steps_per_epoch = len(train_loader)
+    with removed_unless_written(created):
+        data_dir, manifest = prepare_data(cfg.data, accelerator)
+        d = cfg.data
+        train_loader, eval_loader = build_run_loaders(cfg, plan, data_dir, rank=accelerator.process_index)
+        steps_per_epoch = len(train_loader)
 
-    model, model_info = build_model(cfg, plan, manifest)
-    data_init_s = initialise_from_data(model, train_loader)
-    t = cfg.train
-    optimizers = build_run_optimizers(model, cfg, plan)
-    schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)
-    model, optimizers, schedulers = prepare_for_engine(accelerator, model, optimizers, schedulers)
-    progress = checkpoint.Progress()
-    accelerator.register_for_checkpointing(progress)
+        model, model_info = build_model(cfg, plan, manifest)
+        data_init_s = initialise_from_data(model, train_loader)
+        t = cfg.train
+        optimizers = build_run_optimizers(model, cfg, plan)
+        schedulers = build_schedulers(optimizers, t, cfg.param_groups, steps_per_epoch)
+        model, optimizers, schedulers = prepare_for_engine(accelerator, model, optimizers, schedulers)
+        progress = checkpoint.Progress()
+        accelerator.register_for_checkpointing(progress)
 
-    say = console.say if accelerator.is_main_process else (lambda *_: None)
-    resume_from = find_resume_checkpoint(cfg, run_dir, say)
-    if resume_from is not None:
-        checkpoint.check_compatible(resume_from, cfg.to_dict(), plan.world_size, force=cfg.run.resume == "force")
-        accelerator.load_state(str(resume_from))
-        # Schedules follow this run's config (they differ from the checkpoint's only under --resume force).
-        raw_schedulers = [s.scheduler for s in schedulers]
-        follow_config(raw_schedulers, optimizers, peak_lrs(optimizers, t, cfg.param_groups, t.batch_size))
+        say = console.say if accelerator.is_main_process else (lambda *_: None)
+        resume_from = find_resume_checkpoint(cfg, run_dir, say)
+        if resume_from is not None:
+            checkpoint.check_compatible(resume_from, cfg.to_dict(), plan.world_size, force=cfg.run.resume == "force")
+            accelerator.load_state(str(resume_from))
+            # Schedules follow this run's config (they differ from the checkpoint's only under --resume force).
+            raw_schedulers = [s.scheduler for s in schedulers]
+            follow_config(raw_schedulers, optimizers, peak_lrs(optimizers, t, cfg.param_groups, t.batch_size))
 
-    report = Reporter(
-        run_dir, cfg, plan, main=accelerator.is_main_process,
-        resume_step=progress.step if resume_from else None, wandb_id=progress.wandb_id,
-    )  # fmt: skip
-    progress.wandb_id = report.wandb_id
-    inject_fault(accelerator.process_index, progress.step, at="wandb")
-    for note in plan.notes:
-        say(f"fasttrain: note: {note}")
-    say(
-        f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | {plan.device_name} x{plan.world_size} "
-        f"| {plan.mixed_precision} | data {plan.data_mode} ({manifest['splits']['train']['count']} train, "
-        f"{manifest['splits']['test']['count']} test)"
-    )
-    say(
-        f"model {cfg.model['name']}: {model_info['params'] / 1e6:.3f} M params, "
-        f"{model_info['flops_per_image'] / 1e6:.1f} MFLOPs/image | batch {plan.batch_size_global} global = "
-        f"{plan.batch_size_per_device} x {plan.world_size} | peak lr "
-        + ", ".join(f"{g.name} {g.optimizer} {g.lr:.4g}" for g in used_groups(cfg, accelerator.unwrap_model(model)))
-    )
-    if resume_from is not None:
-        say(f"resumed from {resume_from}: epoch {progress.epoch}, step {progress.step}")
-    elif cfg.run.resume in ("auto", "force"):
-        say(f"--resume {cfg.run.resume}: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
-    if accelerator.is_main_process:
-        checkpoint.remove_partial(run_dir / "checkpoints")
-    report.write_run_files(cfg, argv)
+        report = Reporter(
+            run_dir, cfg, plan, main=accelerator.is_main_process,
+            resume_step=progress.step if resume_from else None, wandb_id=progress.wandb_id,
+        )  # fmt: skip
+        progress.wandb_id = report.wandb_id
+        inject_fault(accelerator.process_index, progress.step, at="wandb")
+        for note in plan.notes:
+            say(f"fasttrain: note: {note}")
+        say(
+            f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | {plan.device_name} x{plan.world_size} "
+            f"| {plan.mixed_precision} | data {plan.data_mode} ({manifest['splits']['train']['count']} train, "
+            f"{manifest['splits']['test']['count']} test)"
+        )
+        say(
+            f"model {cfg.model['name']}: {model_info['params'] / 1e6:.3f} M params, "
+            f"{model_info['flops_per_image'] / 1e6:.1f} MFLOPs/image | batch {plan.batch_size_global} global = "
+            f"{plan.batch_size_per_device} x {plan.world_size} | peak lr "
+            + ", ".join(f"{g.name} {g.optimizer} {g.lr:.4g}" for g in used_groups(cfg, accelerator.unwrap_model(model)))
+        )
+        if resume_from is not None:
+            say(f"resumed from {resume_from}: epoch {progress.epoch}, step {progress.step}")
+        elif cfg.run.resume in ("auto", "force"):
+            say(f"--resume {cfg.run.resume}: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
+        if accelerator.is_main_process:
+            checkpoint.remove_partial(run_dir / "checkpoints")
+        report.write_run_files(cfg, argv)
 
     # Evaluate with the plain module, not the DDP wrapper: evaluation must not take part in DDP's collectives.
     eval_module = accelerator.unwrap_model(model)

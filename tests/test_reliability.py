@@ -220,12 +220,16 @@ def test_damaged_dataset_is_refused_before_training(tmp_path, data_dir, damage):
     else:
         (broken / "manifest.json").unlink()
         (broken / "manifest.json").mkdir()  # unreadable, and not replaced by a silent re-conversion
+        (tmp_path / "r").mkdir()  # the user's own empty run directory
     proc = run_train([*FAST, "--data.dir", str(broken), "--run.dir", str(tmp_path / "r")], tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "fasttrain.data.convert" in proc.stderr and "Traceback" not in proc.stderr
     if damage != "missing-manifest":
         assert "train.beton" in proc.stderr
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+        assert not (tmp_path / "r").exists(), "the failed start removes the run directory it made"
+    else:
+        assert (tmp_path / "r").is_dir(), "a run directory the start did not make stays"
+        assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
 def test_missing_dataset_and_source_names_the_option(tmp_path):
@@ -236,8 +240,6 @@ def test_missing_dataset_and_source_names_the_option(tmp_path):
             str(tmp_path / "no-such-archive.tar.gz"),
             "--data.dir",
             str(tmp_path / "data"),
-            "--run.dir",
-            str(tmp_path / "r"),
         ],
         tmp_path,
         check=False,
@@ -245,6 +247,7 @@ def test_missing_dataset_and_source_names_the_option(tmp_path):
     assert proc.returncode == 2
     assert "no-such-archive.tar.gz" in proc.stderr + proc.stdout and "--data.source" in proc.stderr
     assert not (tmp_path / "data").exists(), "nothing half-written"
+    assert not (tmp_path / "runs").exists(), "no empty runs/<name>-<time>/ left to look like a run"
 
 
 def test_resume_with_a_different_model_is_refused_unless_forced(tmp_path, data_dir):
