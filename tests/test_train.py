@@ -237,7 +237,9 @@ def test_resume_auto_without_run_dir_takes_the_newest_run_of_that_name_only(tmp_
     # exp-20261201-130000 is what a start that failed before its first checkpoint leaves.
     assert newest_run_dir("exp") == Path("runs") / "exp-20261201-090000"
     cfg = load_config(["--config", "cpu_quick", "--run.name", "exp", "--resume", "auto"])
-    assert make_run_dir(cfg, Accelerator(cpu=True)) == Path("runs") / "exp-20261201-090000"
+    assert make_run_dir(cfg, Accelerator(cpu=True)) == (Path("runs") / "exp-20261201-090000", None), "made nothing"
+    fresh = load_config(["--config", "cpu_quick", "--run.name", "new", "--run.dir", "new/a/b"])
+    assert make_run_dir(fresh, Accelerator(cpu=True)) == (Path("new/a/b"), Path("new")), "the outermost folder made"
 
 
 def test_a_second_run_into_a_used_run_directory_without_resume_is_refused(finished_run, data_dir, tmp_path):
