@@ -548,19 +548,29 @@ def recipe_changes(recipe: str) -> dict[str, Any]:
 
 
 def help_text() -> str:
-    resnet9 = ", ".join(f"{key} {value}" for key, value in recipe_changes("resnet9").items())
+    def changes(recipe: str) -> str:
+        return ", ".join(f"{key} {value}" for key, value in recipe_changes(recipe).items())
+
     lines = [
         "Options (--section.key value) with their defaults, which apply wherever a recipe sets nothing.",
-        f"The resnet9 recipe sets the same, except: {resnet9}.",
+        "Without --config the trainer takes the resnet9 recipe on a CUDA machine and cpu_quick elsewhere.",
+        f"resnet9 sets the same, except: {changes('resnet9')}.",
+        f"cpu_quick sets the same, except: {changes('cpu_quick')}.",
     ]
-    for name, cls in [*SECTIONS.items(), ("param_groups.NAME", ParamGroup)]:
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            lines.append(f"  --{name}.{f.name:<18} {getattr(defaults, f.name)!r:<12} {f.metadata.get('help', '')}")
-    lines.append(
-        f"  --model.name NAME          default {DEFAULT_MODEL!r}, and that model's own arguments "
-        "(see fasttrain.models.describe)"
-    )
-    lines.append("  --config RECIPE            a YAML file or a shipped recipe: " + ", ".join(recipe_names()))
-    lines.append("  --resume auto|force|DIR    short for --run.resume")
+    options = [
+        (f"--{name}.{f.name}", repr(getattr(cls(), f.name)), f.metadata.get("help", ""))
+        for name, cls in [*SECTIONS.items(), ("param_groups.NAME", ParamGroup)]
+        for f in dataclasses.fields(cls)
+    ]
+    width = max(len(key) for key, _, _ in options)
+    lines += [f"  {key:<{width}}  {default:<12} {what}" for key, default, what in options]
+    more = [
+        (
+            "--model.name NAME",
+            f"default {DEFAULT_MODEL!r}, and that model's own arguments (see fasttrain.models.describe)",
+        ),
+        ("--config RECIPE", "a YAML file or a shipped recipe: " + ", ".join(recipe_names())),
+        ("--resume auto|force|DIR", "short for --run.resume"),
+    ]
+    lines += [f"  {key:<{width}}  {what}" for key, what in more]
     return "\n".join(lines)

@@ -38,6 +38,12 @@ def test_defaults_differ_from_the_resnet9_recipe_exactly_where_the_help_says():
     text = help_text()
     assert "defaults shown are the resnet9 recipe's" not in text
     assert all(key in text for key in changes)
+    # Both recipes the trainer picks without --config are spelled out, and every option's default is in one column.
+    cpu_line = next(line for line in text.splitlines() if line.startswith("cpu_quick sets the same, except: "))
+    assert all(f"{key} {value}" in cpu_line for key, value in recipe_changes("cpu_quick").items())
+    keyed = [(line, line[2:].split("  ")[0]) for line in text.splitlines() if line.startswith("  --")]
+    columns = {len(line) - len(line[2 + len(key) :].lstrip()) for line, key in keyed}
+    assert len(keyed) > 40 and len(columns) == 1, keyed
 
 
 def test_old_data_mode_names_are_the_data_packages_aliases():
