@@ -314,6 +314,10 @@ def resolve_recipe(path_or_name: str):
         return path
     if path_or_name in recipe_names():
         return resources.files("fasttrain.recipes") / f"{path_or_name}.yaml"
+    if path.is_dir():
+        raise ConfigError(
+            f"--config: '{path_or_name}' is a folder; pass a YAML file in it or a recipe: {', '.join(recipe_names())}"
+        )
     raise ConfigError(
         f"--config: no file '{path_or_name}' and no recipe of that name. Recipes: {', '.join(recipe_names())}"
     )

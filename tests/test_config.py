@@ -280,3 +280,10 @@ def test_a_setting_of_bytes_that_are_not_utf8_is_refused():
     name = "runs/r_" + b"\xff".decode("utf-8", "surrogateescape")  # how Python passes such a file name in argv
     with pytest.raises(ConfigError, match=r"run.dir: 'runs/r_\\udcff' holds bytes that are not UTF-8 text"):
         load_config(["--config", "cpu_quick", "--run.dir", name])
+
+
+def test_config_that_is_neither_a_file_nor_a_recipe_is_refused_naming_the_recipes(tmp_path):
+    with pytest.raises(ConfigError, match=r"no file 'resnet-9' and no recipe of that name\. Recipes: airbench94, "):
+        load_config(["--config", "resnet-9"])
+    with pytest.raises(ConfigError, match=rf"'{tmp_path}' is a folder; pass a YAML file in it or a recipe: "):
+        load_config(["--config", str(tmp_path)])
