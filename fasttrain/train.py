@@ -310,7 +310,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         resume_from = find_resume_checkpoint(cfg, run_dir, say)
         if resume_from is not None:
             checkpoint.check_compatible(resume_from, cfg.to_dict(), plan.world_size, force=cfg.run.resume == "force")
-            accelerator.load_state(str(resume_from))
+            checkpoint.load(accelerator, resume_from)
             # Schedules follow this run's config (they differ from the checkpoint's only under --resume force).
             raw_schedulers = [s.scheduler for s in schedulers]
             follow_config(raw_schedulers, optimizers, peak_lrs(optimizers, t, cfg.param_groups, t.batch_size))

@@ -32,6 +32,8 @@ from helpers import (
     wait_for_step,
 )
 
+import fasttrain
+
 pytestmark = pytest.mark.slow
 
 
@@ -250,7 +252,7 @@ def test_missing_dataset_and_source_names_the_option(tmp_path):
     assert not (tmp_path / "runs").exists(), "no empty runs/<name>-<time>/ left to look like a run"
 
 
-def test_resume_with_a_different_model_is_refused_unless_forced(tmp_path, data_dir):
+def test_resume_with_a_different_model_is_refused_and_forced_names_what_does_not_fit(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     base = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "1"]
     run_train(base, tmp_path)
@@ -259,6 +261,11 @@ def test_resume_with_a_different_model_is_refused_unless_forced(tmp_path, data_d
     assert proc.returncode == 2
     assert "model.widths" in proc.stderr and "[8, 16]" in proc.stderr and "[8, 32]" in proc.stderr
     assert "--resume force" in proc.stderr
+    # Forced, the checkpoint's weights cannot go into the wider model: one line naming a tensor, not a traceback.
+    forced = run_train([*base, "--model.widths", "8,32", "--resume", "force"], tmp_path, check=False)
+    assert forced.returncode == 2 and "Traceback" not in forced.stderr, forced.stderr[-3000:]
+    last = forced.stderr.strip().splitlines()[-1]
+    assert "does not fit this run's model (size mismatch for " in last and "another --run.dir" in last, last
 
 
 def test_a_run_whose_output_reader_goes_away_trains_to_the_end(tmp_path, data_dir):
@@ -268,8 +275,9 @@ def test_a_run_whose_output_reader_goes_away_trains_to_the_end(tmp_path, data_di
         [sys.executable, str(TRAIN), *args], cwd=tmp_path, env=env_for_tests(tmp_path), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    while "fasttrain 0.1.0" not in proc.stdout.readline():  # the banner: training has not started yet
-        pass
+    banner = f"fasttrain {fasttrain.__version__} | torch"  # printed before training starts
+    while banner not in (line := proc.stdout.readline()):
+        assert line, f"the trainer ended before its banner:\n{proc.communicate(timeout=60)[1][-3000:]}"
     proc.stdout.close()  # `fasttrain train ... | head -3`, or a `tee` that died
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]

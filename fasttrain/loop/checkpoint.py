@@ -363,3 +363,21 @@ def check_compatible(ckpt: Path, config: dict[str, Any], world_size: int, force:
             f"checkpoint {ckpt} was written by {meta.get('world_size')} processes, this run has {world_size}; "
             "the data order would differ. Relaunch with the same number of processes or pass --resume force."
         )
+
+
+def load(accelerator, ckpt: Path) -> None:
+    """`accelerator.load_state`, refusing in one line a checkpoint whose tensors do not fit this run's model or
+    optimisers: what a model setting changed under --resume force leads to (force keeps the weights)."""
+    try:
+        accelerator.load_state(str(ckpt))
+    except (RuntimeError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's load_state_dict: "Error(s) in loading state_dict for M:" then one line a tensor; Optimizer's:
+        # "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+        if not lines or not ("loading state_dict" in lines[0] or "parameter group" in lines[0]):
+            raise
+        raise ConfigError(
+            f"checkpoint {ckpt} does not fit this run's model ({(lines[1:] or lines)[0].rstrip('.')}): --resume "
+            "force keeps the checkpoint's weights, so set the model as it was, or train from scratch in another "
+            "--run.dir"
+        ) from None
