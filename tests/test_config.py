@@ -136,10 +136,16 @@ def test_coerce_handles_optional_literal_and_tuples():
         coerce("k", "1.5", int)
 
 
-def test_config_round_trips_through_its_dict():
-    cfg = load_config(["--config", "deepcnn"])
-    d = cfg.to_dict()
-    assert d["model"]["widths"] == [64, 128, 256] and d["train"]["epochs"] == cfg.train.epochs
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_config_round_trips_through_the_run_directorys_config_yaml(recipe, tmp_path):
+    """What a run writes as config.yaml (report.py) builds the same configuration again (eval and --config read it)."""
+    import yaml
+
+    cfg = load_config(["--config", recipe, "--train.lr", "0.3", "--data.flip", "false"])
+    written = tmp_path / "config.yaml"
+    written.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert build_config(str(written)).to_dict() == cfg.to_dict()
+    assert cfg.to_dict()["train"]["lr"] == 0.3 and cfg.to_dict()["data"]["flip"] is False
 
 
 def test_lr_scaling_rules():
