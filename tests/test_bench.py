@@ -3,6 +3,7 @@ positive figures (their size is not checked: this is plumbing, not a speed test)
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,7 @@ def test_step_reports_median_throughput_and_compile_time_apart():
     settings = result["settings"]
     assert settings["precision"] == "bf16" and settings["repeats"] == 2 and settings["compile"] is False
     assert len(result["images_per_sec_repeats"]) == 2
+    assert result["images_per_sec"] == pytest.approx(statistics.median(result["images_per_sec_repeats"]))
     assert result["images_per_sec"] > 0 and result["step_time_ms"] > 0 and result["warmup_s"] > 0
     assert result["compile_time_s"] == 0.0 and result["params"] > 0 and result["flops_per_image"] > 0
     plan = result["plan"]  # the trainer's RunPlan, which the step ran
@@ -97,6 +99,10 @@ def test_overhead_compares_fasttrain_loop_with_bare_loop(data_dir):
     check_common(result, "overhead")
     assert result["fasttrain_images_per_sec"] > 0 and result["bare_images_per_sec"] > 0
     assert isinstance(result["overhead_pct"], float) and len(result["overhead_pct_repeats"]) == 2
+    assert result["overhead_pct"] == pytest.approx(statistics.median(result["overhead_pct_repeats"]))
+    for loop in ("fasttrain", "bare"):
+        rates = result[f"{loop}_images_per_sec_repeats"]
+        assert len(rates) == 2 and result[f"{loop}_images_per_sec"] == pytest.approx(statistics.median(rates))
     assert result["accelerator"]["mixed_precision"] == "no" == result["plan"]["mixed_precision"]
     assert result["plan"]["data_mode"] == "resident"
     profile = result["profile"]  # torch.profiler over 2 more steps of fasttrain's loop, after the timed ones
