@@ -417,15 +417,6 @@ def test_wandb_unreachable_falls_back_to_offline_once(tmp_path, data_dir):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
-def test_not_logged_in_means_offline_by_default(tmp_path, data_dir):
-    run_dir = tmp_path / "r"
-    proc = run_train(
-        [*TINY, "--data.mode", "gpu", "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "1"],
-        tmp_path,
-    )
-    assert "offline" in proc.stdout and list((run_dir / "wandb").glob("offline-run-*"))
-
-
 def test_batch_that_does_not_divide_across_ranks_is_refused(tmp_path, data_dir):
     proc, _ = launch(
         [*FAST, "--data.dir", str(data_dir), "--train.batch_size", "101", "--run.dir", str(tmp_path / "r")],

@@ -67,7 +67,8 @@ def data_dir(cifar_slice_dir):
 
 @pytest.fixture(scope="module")
 def finished_run(cifar_slice_dir, tmp_path_factory):
-    """One short run through `accelerate launch` itself (bf16 autocast on CPU), W&B offline."""
+    """One short run through `accelerate launch` itself (bf16 autocast on CPU), W&B left on auto: with no credentials
+    (env_for_tests), that means offline."""
     tmp = tmp_path_factory.mktemp("run")
     run_dir = tmp / "run"
     proc = run_train(
@@ -81,13 +82,17 @@ def finished_run(cifar_slice_dir, tmp_path_factory):
             "3",
             "--train.mixed_precision",
             "bf16",
-            "--wandb.mode",
-            "offline",
         ],
         tmp,
         launcher=[str(ACCELERATE), "launch", "--num_processes", "1", "--cpu"],
     )
     return run_dir, proc
+
+
+def test_not_logged_in_means_offline_by_default(finished_run):
+    run_dir, proc = finished_run
+    assert "W&B offline (not logged in to W&B; run `wandb login` or set WANDB_API_KEY" in proc.stdout
+    assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
 def test_run_writes_every_output(finished_run):
