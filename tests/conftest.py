@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from accelerate.state import AcceleratorState
-from helpers import SHARED_ARCHIVE
+from helpers import FAST, SHARED_ARCHIVE, run_train
 
 
 @pytest.fixture
@@ -53,3 +53,12 @@ def cifar_slice_dir(tmp_path_factory, shared_archive) -> Path:
         capture_output=True,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(cifar_slice_dir, tmp_path_factory) -> Path:
+    """A finished FAST run of one epoch on the slice (10 steps, its checkpoint at step 10), trained once per session
+    for the tests that go on from it: copy it (shutil.copytree) before resuming; run.dir may differ on resume."""
+    tmp = tmp_path_factory.mktemp("one-epoch")
+    run_train([*FAST, "--data.dir", str(cifar_slice_dir), "--run.dir", str(tmp / "run"), "--train.epochs", "1"], tmp)
+    return tmp / "run"

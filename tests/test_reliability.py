@@ -156,10 +156,10 @@ def test_a_stop_at_an_epochs_last_step_checkpoints_its_end_and_one_on_the_target
     assert (summary["status"], summary["epochs"]) == ("finished", 1) and summary["time_to_target_s"] is not None
 
 
-def test_nonfinite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, data_dir):
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, data_dir, one_epoch_run):
     run_dir = tmp_path / "r"
     base = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir)]
-    run_train([*base, "--train.epochs", "1"], tmp_path)
+    shutil.copytree(one_epoch_run, run_dir)
     good = sorted((run_dir / "checkpoints").glob("ckpt-*"))
     digest = tree_digest(good[0])
     # Same run continued with an absurd learning rate: the loss overflows within a couple of steps.
@@ -252,14 +252,17 @@ def test_missing_dataset_and_source_names_the_option(tmp_path):
     assert not (tmp_path / "runs").exists(), "no empty runs/<name>-<time>/ left to look like a run"
 
 
-def test_resume_with_a_different_model_is_refused_and_forced_names_what_does_not_fit(tmp_path, data_dir):
+def test_resume_with_a_different_config_is_refused_and_forced_names_what_does_not_fit(
+    tmp_path, data_dir, one_epoch_run
+):
     run_dir = tmp_path / "r"
     base = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "1"]
-    run_train(base, tmp_path)
-    other = [*base, "--model.widths", "8,32", "--resume", "auto"]
+    shutil.copytree(one_epoch_run, run_dir)
+    other = [*base, "--model.widths", "8,32", "--train.lr", "0.3", "--resume", "auto"]
     proc = run_train(other, tmp_path, check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.widths" in proc.stderr and "[8, 16]" in proc.stderr and "[8, 32]" in proc.stderr
+    assert "train.lr" in proc.stderr and "0.2" in proc.stderr and "0.3" in proc.stderr
     assert "--resume force" in proc.stderr
     # Forced, the checkpoint's weights cannot go into the wider model: one line naming a tensor, not a traceback.
     forced = run_train([*base, "--model.widths", "8,32", "--resume", "force"], tmp_path, check=False)

@@ -205,27 +205,6 @@ def test_interrupted_stream_run_resumes_to_the_same_steps_schedule_and_order(tmp
     assert_same_weights(reference, run_dir)  # the same batches in the same order
 
 
-def test_resume_refuses_a_different_config(tmp_path, data_dir):
-    run_dir = tmp_path / "r"
-    base = [
-        *TINY,
-        "--data.dir",
-        str(data_dir),
-        "--train.epochs",
-        "1",
-        "--wandb.mode",
-        "disabled",
-        "--data.mode",
-        "gpu",
-        "--run.dir",
-        str(run_dir),
-    ]
-    run_train(base, tmp_path)
-    proc = run_train([*base, "--train.epochs", "2", "--train.lr", "0.3", "--resume", "auto"], tmp_path, check=False)
-    assert proc.returncode == 2
-    assert "train.lr" in proc.stderr and "--resume force" in proc.stderr
-
-
 def test_resume_auto_without_run_dir_takes_the_newest_run_of_that_name_only(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
