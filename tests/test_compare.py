@@ -47,7 +47,7 @@ def test_tiny_grid_writes_table_figure_and_one_run_per_cell(tmp_path: Path, cifa
         tmp_path / "tiny.yaml",
         base="cpu_quick",
         blocks=["plain", "residual"],
-        blocks_per_stage=[1, 2],
+        blocks_per_stage=[1],  # a second depth's order and sizes: test_a_grid_is_planned_depth_by_depth
         overrides=TINY_OVERRIDES,
     )
     out = tmp_path / "out"
@@ -55,16 +55,16 @@ def test_tiny_grid_writes_table_figure_and_one_run_per_cell(tmp_path: Path, cifa
     args += ["--wandb.mode", "disabled"]
     result = run_compare(args, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    cells = ["plain-7conv-dropout0", "residual-7conv-dropout0", "plain-13conv-dropout0", "residual-13conv-dropout0"]
+    cells = ["plain-7conv-dropout0", "residual-7conv-dropout0"]
     for index, cell in enumerate(cells, start=1):
-        assert f"[{index}/4] {cell}: training" in result.stdout
+        assert f"[{index}/2] {cell}: training" in result.stdout
 
     for cell in cells:
         run_dir = out / cell
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert config["wandb"]["group"] == "tiny-group" and config["run"]["name"] == cell
-        assert config["model"]["blocks"] == ([1, 1, 1] if "7conv" in cell else [2, 2, 2])
+        assert config["model"]["blocks"] == [1, 1, 1]
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -82,27 +82,42 @@ def test_tiny_grid_writes_table_figure_and_one_run_per_cell(tmp_path: Path, cifa
         assert float(row["train_val_gap"]) == pytest.approx(gap, abs=1e-4)
     # Equal widths: no projection shortcuts, so plain and residual have the same parameters at each depth.
     assert by_cell["plain-7conv-dropout0"]["params"] == by_cell["residual-7conv-dropout0"]["params"]
-    assert int(by_cell["plain-13conv-dropout0"]["params"]) > int(by_cell["plain-7conv-dropout0"]["params"])
 
     table = (out / "results.md").read_text().splitlines()
     assert "| block | depth (conv layers) | dropout | params |" in table[0]
-    assert [line.split("|")[1:3] for line in table[2:]] == [
-        [" plain ", " 7 "],
-        [" residual ", " 7 "],
-        [" plain ", " 13 "],
-        [" residual ", " 13 "],
-    ]
+    assert [line.split("|")[1:3] for line in table[2:]] == [[" plain ", " 7 "], [" residual ", " 7 "]]
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Run again: every cell is reused, nothing retrained.
     again = run_compare(args, tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count("reused the finished run") == 4 and "training (" not in again.stdout
+    assert again.stdout.count("reused the finished run") == 2 and "training (" not in again.stdout
 
     # Other settings into the same --out: refused before training, naming what differs.
     changed = run_compare([*args, "--train.lr", "0.1"], tmp_path)
     assert changed.returncode == 2 and "train.lr" in changed.stderr and "another --out" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
+
+
+def test_a_grid_is_planned_depth_by_depth_each_cell_counted(tmp_path: Path) -> None:
+    """The order the cells train in, and so the order of results.csv and results.md: depth, then block."""
+    grid = write_grid(
+        tmp_path / "tiny.yaml", base="cpu_quick", blocks=["plain", "residual"], blocks_per_stage=[1, 2],
+        overrides=TINY_OVERRIDES,
+    )  # fmt: skip
+    _, _, planned = plan(parse_args(["--grid", str(grid), "--out", str(tmp_path / "out")]))
+    names = [p.cell.name for p in planned]
+    assert names == [
+        "plain-7conv-dropout0",
+        "residual-7conv-dropout0",
+        "plain-13conv-dropout0",
+        "residual-13conv-dropout0",
+    ]
+    params = {p.cell.name: p.params for p in planned}
+    assert params["plain-7conv-dropout0"] == params["residual-7conv-dropout0"], "equal widths: no projections"
+    assert params["plain-13conv-dropout0"] == params["residual-13conv-dropout0"] > params["plain-7conv-dropout0"]
+    blocks = [p.argv[p.argv.index("--model.blocks") + 1] for p in planned]
+    assert blocks == ["1,1,1", "1,1,1", "2,2,2", "2,2,2"]
 
 
 def test_failed_cell_is_in_the_table_and_the_exit_code(tmp_path: Path, cifar_slice_dir: Path) -> None:
