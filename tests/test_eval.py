@@ -8,16 +8,15 @@ import sys
 
 import pytest
 import yaml
-from helpers import FAST, run_train
 
 from fasttrain.eval import main as eval_main
 
 
 @pytest.fixture(scope="module")
-def finished(cifar_slice_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("eval")
-    run_dir = tmp / "run"
-    run_train([*FAST, "--data.dir", str(cifar_slice_dir), "--run.dir", str(run_dir), "--train.epochs", "2"], tmp)
+def finished(one_epoch_run, tmp_path_factory):
+    """The session's finished one-epoch run, copied: eval writes its eval-tta*.json into the run directory."""
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    shutil.copytree(one_epoch_run, run_dir)
     return run_dir
 
 
