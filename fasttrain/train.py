@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -46,7 +47,7 @@ from fasttrain.errors import (
     run_command,
     signal_exit_code,
 )
-from fasttrain.files import is_write_failure, write_failure_reason, write_json
+from fasttrain.files import is_write_failure, read_json, write_failure_reason, write_json
 from fasttrain.loop import checkpoint
 from fasttrain.loop.collector import GcCounts, frozen_heap
 from fasttrain.loop.distributed import (
@@ -109,22 +110,40 @@ def newest_run_dir(name: str) -> Path | None:
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # what a run writes; a start that failed early, none
+# Everything else a run directory may hold (train.log: fasttrain compare's record of a cell's trainer output); any
+# other name there is someone else's file, which a run could overwrite.
+RUN_OUTPUTS = (*RUN_FILES, "command.txt", "curves.png", "model.safetensors", "checkpoints", "wandb", "eval-tta*.json",
+               "train.log")  # fmt: skip
 
 
 def run_dir_problem(run_dir: Path, resume: str) -> str | None:
-    """Why this run cannot write into `run_dir` (without --resume, one that holds a run: the first of its files found
-    is named), or None once run_dir/checkpoints exists and takes a file."""
+    """Why this run cannot write into `run_dir`, or None once run_dir/checkpoints exists and takes a file. Refused: a
+    checkpoint; a folder of other files than a run's (a checkpoints/ folder among them); a run, unless --resume
+    auto/force continues it (or --resume DIR names its newest checkpoint); a finished run with nothing to go on from."""
     try:
-        if resume == "no":
-            saved = checkpoint.checkpoint_dirs(run_dir / "checkpoints")
-            found = next((name for name in RUN_FILES if (run_dir / name).exists()), "checkpoints" if saved else None)
-            if found:
-                how = (
-                    "continue it with --resume auto"
-                    if saved
-                    else "it saved no checkpoint: --resume auto starts it over"
-                )
-                return f"run.dir {run_dir} already holds a run ({found}); {how}, or choose another --run.dir"
+        if (run_dir / checkpoint.META).exists():
+            return f"run.dir {run_dir} is a checkpoint; to go on from it, pass it to --resume with another --run.dir"
+        present = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+        foreign = [name for name in present if not any(fnmatch(name, ours) for ours in RUN_OUTPUTS)]
+        if foreign and not any(name in RUN_FILES for name in present):
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            return f"run.dir {run_dir} holds other files than a run's ({shown}); choose an empty or new --run.dir"
+        saved = checkpoint.checkpoint_dirs(run_dir / "checkpoints")
+        found = next((name for name in RUN_FILES if name in present), "checkpoints" if saved else None)
+        continued = resume in ("auto", "force")
+        if found and saved and resume not in ("no", "auto", "force"):
+            newest = checkpoint.newest_intact(run_dir / "checkpoints")
+            continued = newest is not None and Path(resume).resolve() == newest.resolve()
+        if found and not continued:
+            how = "continue it with --resume auto" if saved else "it saved no checkpoint: --resume auto starts it over"
+            if resume != "no":  # an explicit checkpoint, of this run or another
+                how = "--resume DIR goes on from a checkpoint into a new --run.dir (leave it out for one), or " + how
+            return f"run.dir {run_dir} already holds a run ({found}); {how}, or choose another --run.dir"
+        if found and not saved and resume in ("auto", "force") and run_finished(run_dir):
+            return (
+                f"run.dir {run_dir} holds a finished run and no checkpoint to continue from; --resume "
+                f"{resume} would train it again over its outputs: choose another --run.dir"
+            )
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("ok")
@@ -132,6 +151,13 @@ def run_dir_problem(run_dir: Path, resume: str) -> str | None:
     except OSError as e:
         return f"run.dir: cannot write to {run_dir} ({e.strerror}); choose a writable --run.dir"
     return None
+
+
+def run_finished(run_dir: Path) -> bool:
+    try:
+        return read_json(run_dir / "summary.json").get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def make_run_dir(cfg: Config, accelerator: Accelerator) -> tuple[Path, Path | None]:

@@ -241,6 +241,41 @@ def test_a_second_run_into_a_used_run_directory_without_resume_is_refused(finish
     assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
 
 
+def test_run_dirs_that_are_not_this_runs_to_write_are_refused(finished_run, tmp_path):
+    """What a run would overwrite or muddle: a checkpoint, someone else's files, a run that --resume DIR does not
+    continue, a finished run with no checkpoint to resume. Allowed: a new or empty folder, a compare cell's train.log,
+    and a run's own newest checkpoint named as --resume DIR."""
+    import shutil
+
+    from fasttrain.loop.checkpoint import newest_intact
+    from fasttrain.train import run_dir_problem
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    newest = newest_intact(run / "checkpoints")
+    assert run_dir_problem(run / "checkpoints" / newest.name, "no").endswith(
+        "is a checkpoint; to go on from it, pass it to --resume with another --run.dir"
+    )
+    assert "holds other files than a run's (ckpt-" in run_dir_problem(run / "checkpoints", "no")
+    (tmp_path / "mine").mkdir()
+    for name in ("notes.txt", "data.csv", "a.py", "b.py"):
+        (tmp_path / "mine" / name).write_text("mine")
+    assert "holds other files than a run's (a.py, b.py, data.csv and 1 more)" in run_dir_problem(
+        tmp_path / "mine", "auto"
+    )
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" and not (tmp_path / "mine" / "checkpoints").exists()
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    problem = run_dir_problem(run, str(other / "checkpoints" / newest.name))
+    assert "already holds a run (config.yaml); --resume DIR goes on from a checkpoint into a new --run.dir" in problem
+    assert run_dir_problem(run, str(newest)) is None, "its own newest checkpoint: the same as --resume auto"
+    shutil.rmtree(other / "checkpoints")
+    assert "holds a finished run and no checkpoint to continue from" in run_dir_problem(other, "auto")
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "train.log").write_text("compare writes this first\n")
+    assert run_dir_problem(tmp_path / "cell", "auto") is None and run_dir_problem(tmp_path / "new", "no") is None
+
+
 @pytest.mark.parametrize(
     "setting, words",
     [
