@@ -13,6 +13,7 @@ from fasttrain import models
 from fasttrain.config import Config, build_config, is_sections
 from fasttrain.errors import EXIT_OK, ConfigError, DatasetError, FasttrainError, exit_process, run_command
 from fasttrain.files import read_json, write_json
+from fasttrain.loop import checkpoint
 
 WEIGHTS = "model.safetensors"
 
@@ -25,9 +26,10 @@ def saved_config_file(target: Path) -> Path:
     raise ConfigError(f"{target} is neither a run directory (config.yaml) nor a checkpoint (meta.json)")
 
 
-def _damaged(path: Path, problem: str) -> ConfigError:
+def _damaged(path: Path, problem: str, damaged: Path | None = None) -> ConfigError:
+    """`damaged` (default: `path`, the config file) is damaged: a checkpoint that fails validation names itself."""
     instead = "the run directory or another checkpoint" if path.name == "meta.json" else "one of its checkpoints/ckpt-*"
-    return ConfigError(f"{path} is damaged ({problem}); restore it, or evaluate {instead} instead")
+    return ConfigError(f"{damaged or path} is damaged ({problem}); restore it, or evaluate {instead} instead")
 
 
 def _read_config_file(path: Path) -> object:
@@ -137,6 +139,8 @@ def command(argv: list[str]) -> int:
     if args.batch_size:
         overrides.append(("data", "eval_batch_size", str(args.batch_size)))
     config_file = saved_config_file(target)
+    if config_file.name == "meta.json" and (reason := checkpoint.validate(target)) is not None:
+        raise _damaged(config_file, reason, damaged=target)
     cfg = config_for(saved_config(config_file), config_file, overrides)
     level = cfg.train.tta_level if args.tta_level is None else args.tta_level
     model = models.create(cfg.model["name"], **{k: v for k, v in cfg.model.items() if k != "name"})

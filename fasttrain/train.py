@@ -335,7 +335,12 @@ def train(cfg: Config, argv: list[str]) -> dict:
         say = console.say if accelerator.is_main_process else (lambda *_: None)
         resume_from = find_resume_checkpoint(cfg, run_dir, say)
         if resume_from is not None:
-            checkpoint.check_compatible(resume_from, cfg.to_dict(), plan.world_size, force=cfg.run.resume == "force")
+            forced = checkpoint.check_compatible(
+                resume_from, cfg.to_dict(), plan.world_size, force=cfg.run.resume == "force",
+                explicit=cfg.run.resume not in ("auto", "force"),
+            )  # fmt: skip
+            if forced:
+                say(f"--resume force: the checkpoint's settings differ, this run's apply: {'; '.join(forced)}")
             checkpoint.load(accelerator, resume_from)
             # Schedules follow this run's config (they differ from the checkpoint's only under --resume force).
             raw_schedulers = [s.scheduler for s in schedulers]

@@ -206,7 +206,40 @@ def test_former_model_and_mode_names_are_not_differences():
     same = {"model": {"name": "resnet9_myrtle"}, "data": {"mode": "resident"}, "train": {"lr": 0.5}}
     assert checkpoint.config_differences(saved, same) == []
     other = {"model": {"name": "resnet9_ffcv"}, "data": {"mode": "stream"}, "train": {"lr": 0.5}}
-    assert [line.strip() for line in checkpoint.config_differences(saved, other)] == [
-        "data.mode: checkpoint='resident'  now='stream'",
-        "model.name: checkpoint='resnet9_myrtle'  now='resnet9_ffcv'",
+    assert checkpoint.config_differences(saved, other) == [
+        "data.mode: 'resident' -> 'stream'",
+        "model.name: 'resnet9_myrtle' -> 'resnet9_ffcv'",
     ]
+
+
+def test_a_checkpoint_of_other_settings_is_refused_in_one_line_and_force_cannot_change_the_optimiser(tmp_path):
+    ckpt = tmp_path / "ckpt-e0001-s0000010"
+    ckpt.mkdir()
+    saved = {"train": {"lr": 0.2, "optimizer": "sgd", "batch_size": 100, "epochs": 1}, "model": {"widths": [8, 16]}}
+    (ckpt / "meta.json").write_text(json.dumps({"complete": True, "epoch": 1, "step": 10, "world_size": 1,
+                                                "config": saved}))  # fmt: skip
+    same = json.loads(json.dumps(saved))
+    assert checkpoint.check_compatible(ckpt, same, 1, force=False, explicit=False) == []
+    now = {**same, "train": {**same["train"], "lr": 0.3, "epochs": 3}, "model": {"widths": [8, 32]}}
+    with pytest.raises(ConfigError) as refused:
+        checkpoint.check_compatible(ckpt, now, 2, force=False, explicit=False)
+    assert str(refused.value).count("\n") == 0 and "pass --resume force to load it anyway" in str(refused.value)
+    assert "(model.widths: [8, 16] -> [8, 32]; train.epochs: 1 -> 3; train.lr: 0.2 -> 0.3; processes: 1 -> 2" in str(
+        refused.value
+    )
+    assert checkpoint.check_compatible(ckpt, now, 2, force=True, explicit=False)[-1].startswith("processes: 1 -> 2")
+    for key, value in (("optimizer", "adamw"), ("batch_size", 50)):
+        changed = {**now, "train": {**now["train"], key: value}}
+        with pytest.raises(ConfigError, match=rf"--resume force cannot change train\.{key}: .* set them as they were"):
+            checkpoint.check_compatible(ckpt, changed, 1, force=True, explicit=False)
+    grouped = {**now, "param_groups": {"head": {"optimizer": "muon"}}}
+    with pytest.raises(ConfigError, match=r"cannot change param_groups\.head\.optimizer: '<unset>' -> 'muon'"):
+        checkpoint.check_compatible(ckpt, grouped, 1, force=True, explicit=False)
+
+
+def test_a_checkpoint_whose_saved_config_is_not_sections_of_settings_is_damaged(tmp_path):
+    ckpt = tmp_path / "ckpt-e0001-s0000010"
+    ckpt.mkdir()
+    for config, reason in (({"model": "deepcnn"}, "no valid 'config' (expected sections"), ([], "no valid 'config'")):
+        (ckpt / "meta.json").write_text(json.dumps({"complete": True, "epoch": 1, "step": 10, "config": config}))
+        assert reason in checkpoint.validate(ckpt)

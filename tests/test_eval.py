@@ -94,7 +94,8 @@ def test_a_damaged_saved_config_is_named(finished, tmp_path, capfd, name, conten
     copy = _copy(finished, tmp_path)
     (copy / name).write_bytes(content)
     err = _refused([str(copy)], capfd)
-    assert f"{copy / name} is damaged" in err
+    # A meta.json makes the folder a checkpoint, checked whole first (as the trainer checks one before resuming).
+    assert (f"{copy} is damaged (meta.json " if name == "meta.json" else f"{copy / name} is damaged") in err
 
 
 def test_an_unknown_key_in_the_run_config_names_the_file(finished, tmp_path, capfd):
@@ -114,6 +115,19 @@ def test_a_relative_data_dir_missing_here_names_evals_own_option(finished, tmp_p
     monkeypatch.chdir(tmp_path)
     err = _refused([str(copy)], capfd)
     assert "no data set at data/slice" in err and "--data-dir" in err and "--data.source" not in err
+
+
+def test_a_checkpoint_whose_weights_fail_their_recorded_sha256_is_refused(finished, tmp_path, capfd):
+    last = sorted((finished / "checkpoints").glob("ckpt-*"))[-1]
+    copy = tmp_path / last.name
+    shutil.copytree(last, copy, ignore=shutil.ignore_patterns("eval-tta*.json"))  # what earlier tests wrote there
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # a flipped byte inside a tensor: the file still loads, its numbers are wrong
+    weights.write_bytes(bytes(data))
+    err = _refused([str(copy)], capfd)
+    assert f"{copy} is damaged (model.safetensors" in err and "sha256" in err
+    assert not list(copy.glob("eval-tta*.json"))
 
 
 @pytest.mark.parametrize("size", ["0", "-3"])

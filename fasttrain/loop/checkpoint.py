@@ -20,6 +20,7 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +196,10 @@ def validate(ckpt: Path) -> str | None:
     if not isinstance(meta, dict) or meta.get("complete") is not True:
         return f"{META} does not mark the checkpoint complete"
     for key, kind in (("epoch", int), ("step", int), ("config", dict)):
-        if not isinstance(meta.get(key), kind):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             return f"{META} has no valid '{key}'"
+    if not all(isinstance(values, dict) for values in meta["config"].values()):
+        return f"{META} has no valid 'config' (expected sections of settings, e.g. model: {{name: ...}})"
     if "files" not in meta:
         return _legacy_problem(ckpt, meta)
     return _listed_files_problem(ckpt, meta["files"])
@@ -337,32 +340,63 @@ def remove_partial(ckpt_root: Path) -> None:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Settings that differ between a checkpoint's run and this one, ignoring those safe to change on resume and
-    former names of the same model or data mode."""
-    from fasttrain.config import flatten, with_current_names
+    former names of the same model or data mode: `key: checkpoint -> now` each."""
+    from fasttrain.config import with_current_names
 
-    a, b = flatten(with_current_names(saved)), flatten(current)
+    a, b = _settings(with_current_names(saved)), _settings(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
-    return [
-        f"  {k}: checkpoint={a.get(k, '<unset>')!r}  now={b.get(k, '<unset>')!r}"
-        for k in keys
-        if a.get(k, "<unset>") != b.get(k, "<unset>")
-    ]
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def check_compatible(ckpt: Path, config: dict[str, Any], world_size: int, force: bool) -> None:
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """`section.key -> value`, and `param_groups.NAME.key -> value` for each parameter group's own settings."""
+    from fasttrain.config import flatten
+
+    groups = config.get("param_groups") or {}
+    flat = flatten({section: values for section, values in config.items() if section != "param_groups"})
+    for name, group in groups.items():
+        if not isinstance(group, dict):  # a hand-edited meta.json: compared whole
+            flat[f"param_groups.{name}"] = group
+            continue
+        flat.update({f"param_groups.{name}.{key}": value for key, value in group.items()})
+    return flat
+
+
+# What --resume force cannot change: the optimiser state it loads belongs to one optimiser type, and the step count
+# it continues from belongs to one number of steps per epoch.
+UNFORCEABLE = ("train.optimizer", "param_groups.*.optimizer", "train.batch_size", "data.subset")
+
+
+def _listed(diffs: list[str], most: int = 4) -> str:
+    return "; ".join(diffs[:most]) + (f"; and {len(diffs) - most} more" if len(diffs) > most else "")
+
+
+def check_compatible(ckpt: Path, config: dict[str, Any], world_size: int, force: bool, explicit: bool) -> list[str]:
+    """Refuse a checkpoint of other settings (one line, the first differences named) unless forced; `explicit`: it
+    was named as --resume DIR, which force cannot take. Returns what force overrides, for the run to say."""
     meta = read_meta(ckpt)
     diffs = config_differences(meta["config"], config)
-    if diffs and not force:
-        raise ConfigError(
-            f"checkpoint {ckpt} was written by a different configuration:\n"
-            + "\n".join(diffs)
-            + "\nRun with the checkpoint's settings, or pass --resume force to load it anyway."
+    if meta.get("world_size") != world_size:
+        diffs.append(f"processes: {meta.get('world_size')} -> {world_size} (the data order differs)")
+    if not diffs:
+        return []
+    if not force:
+        how = (
+            "copy it into a new run's checkpoints/ folder and pass --resume force there"
+            if explicit
+            else "pass --resume force to load it anyway"
         )
-    if meta.get("world_size") != world_size and not force:
         raise ConfigError(
-            f"checkpoint {ckpt} was written by {meta.get('world_size')} processes, this run has {world_size}; "
-            "the data order would differ. Relaunch with the same number of processes or pass --resume force."
+            f"checkpoint {ckpt} was written with other settings ({_listed(diffs)}); run with the checkpoint's "
+            f"settings, or {how}"
         )
+    fixed = [d for d in diffs if any(fnmatch(d.split(":")[0], key) for key in UNFORCEABLE)]
+    if fixed:
+        raise ConfigError(
+            f"--resume force cannot change {_listed(fixed)} (the checkpoint's optimiser state and step count hold "
+            f"them): set them as they were, or train from scratch in another --run.dir"
+        )
+    return diffs
 
 
 def load(accelerator, ckpt: Path) -> None:
