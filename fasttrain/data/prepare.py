@@ -78,7 +78,9 @@ def convert_once(data: DataSection, data_dir: Path) -> bool:
         if (data_dir / MANIFEST_NAME).exists():
             return True
         print(f"fasttrain: no dataset in {data_dir}; converting --data.source {data.source} (once)")
-        command = [sys.executable, "-m", "fasttrain.data.convert", *convert_args(data.source, data_dir, data.subset)]
+        # Through `python -m fasttrain convert`, which imports the converter inside its error handling: a Ctrl-C
+        # while the child is still importing numpy and ffcv is one line there too, not a traceback.
+        command = [sys.executable, "-m", "fasttrain", "convert", *convert_args(data.source, data_dir, data.subset)]
         return subprocess.run(command).returncode == 0
 
 
