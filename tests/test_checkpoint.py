@@ -173,8 +173,13 @@ def test_an_explicit_damaged_checkpoint_is_a_config_error_with_the_reason(run, t
     reason = truncate_model(ckpt)
     with pytest.raises(ConfigError, match=re.escape(reason)):
         checkpoint.check_explicit(ckpt)
-    with pytest.raises(ConfigError, match="meta.json is missing"):
+    with pytest.raises(ConfigError, match="meta.json is missing; name another checkpoint"):
         checkpoint.check_explicit(tmp_path)
+    intact = run.save_at(tmp_path / "run" / "checkpoints", 20)
+    with pytest.raises(ConfigError, match=re.escape(f"it holds checkpoints: name one, e.g. {intact} (the newest")):
+        checkpoint.check_explicit(tmp_path / "run" / "checkpoints")
+    with pytest.raises(ConfigError, match=re.escape(f"--resume auto --run.dir {tmp_path / 'run'}, or name a")):
+        checkpoint.check_explicit(tmp_path / "run")
 
 
 def test_list_checkpoints_still_lists_complete_ones_oldest_first(run, tmp_path):

@@ -315,12 +315,17 @@ def find_resume(ckpt_root: Path, announce: Callable[[str], None]) -> Path | None
 
 def check_explicit(path: Path) -> None:
     """For `--resume DIR`: ConfigError naming what is wrong when `path` is not an intact checkpoint."""
-    reason = validate(Path(path))
-    if reason is not None:
-        raise ConfigError(
-            f"run.resume: {path} is not an intact fasttrain checkpoint: {reason}. "
-            "Name another checkpoint, use --resume auto (the newest intact one), or start over in another --run.dir"
-        )
+    path = Path(path)
+    reason = validate(path)
+    if reason is None:
+        return
+    if (path / "checkpoints").is_dir() and (newest := newest_intact(path / "checkpoints")):  # a run directory
+        how = f"it is a run: continue it with --resume auto --run.dir {path}, or name a checkpoint, e.g. {newest}"
+    elif newest := newest_intact(path):  # a run's checkpoints/ folder
+        how = f"it holds checkpoints: name one, e.g. {newest} (the newest intact)"
+    else:
+        how = "name another checkpoint, use --resume auto (the newest intact one), or start over in another --run.dir"
+    raise ConfigError(f"run.resume: {path} is not an intact fasttrain checkpoint: {reason}; {how}")
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
