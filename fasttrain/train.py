@@ -26,6 +26,9 @@ if __package__ in (None, ""):
     # Run as a script: put the repository root, not fasttrain/, first on the path, so `fasttrain.*` imports work
     # from a checkout and nothing inside the package can shadow a top-level module.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+    from fasttrain.errors import interrupts_end_quietly_until_main
+
+    interrupts_end_quietly_until_main("fasttrain train")  # torch's import takes seconds
 
 import torch
 from accelerate import Accelerator
@@ -819,6 +822,7 @@ def end_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again, for run_command
     return run_command("fasttrain train", command, argv)
 
 

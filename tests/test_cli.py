@@ -71,6 +71,24 @@ def test_a_commands_process_ends_with_its_code_its_exit_handlers_run_and_its_obj
     assert (result.returncode, result.stdout, result.stderr) == (3, "unflushed frozen True\n", "")
 
 
+def test_ctrl_c_while_the_trainer_script_imports_torch_is_one_line(tmp_path):
+    """`python fasttrain/train.py`: its imports run before main() and run_command's handling. The SIGINT is sent
+    once torch's shared library is mapped, with most of torch's import (seconds) still to come."""
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "fasttrain" / "train.py"), "--help"], cwd=tmp_path, env=env_for_tests(tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and "libtorch" not in maps.read_text():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err, out) == (130, "fasttrain train: interrupted by SIGINT\n", "")
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"]])  # printed by fasttrain, and by argparse
 def test_output_to_a_reader_that_went_away_ends_quietly_with_sigpipes_code(tmp_path, argv):
     env = {key: value for key, value in env_for_tests(tmp_path).items() if key != "PYTHONUNBUFFERED"}  # as users run
