@@ -581,6 +581,7 @@ def cmd_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     process_wall_s = time.perf_counter() - t0
     if _modified_ns(summary_path) in (None, earlier_summary):
         # A trainer that refused its options as bad input (2) is bench's bad input too; anything else failed it.
+        # (`accelerate launch` reports every failure as 1, so under --launcher accelerate this is always 1.)
         failure = BenchError if proc.returncode == EXIT_BAD_INPUT else TrainerFailed
         raise failure(f"the trainer exited {proc.returncode} without writing {summary_path} (its output is above)")
     summary = read_json(summary_path)

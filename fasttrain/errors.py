@@ -4,7 +4,8 @@ Exit codes, the same for every fasttrain command (the EXIT_* names below; entry 
   0 `EXIT_OK` finished.
   1 an unexpected failure (a bug: the traceback is shown); also `EXIT_TRAINER_FAILED`: a trainer process that
     `fasttrain compare` (a grid cell) or `fasttrain bench e2e` started failed, its own output says why (`bench e2e`
-    exits 2 instead when its trainer refused the options it was given as bad input).
+    exits 2 instead when its trainer refused the options it was given as bad input, under `--launcher python`:
+    `accelerate launch` turns every failure of its processes into 1).
   2 `EXIT_BAD_INPUT` bad input or a broken environment the user can fix (`FasttrainError`), and argparse's usage
     errors.
   3 `EXIT_NONFINITE` training stopped on a non-finite loss.
@@ -121,14 +122,24 @@ def silence_stdout() -> None:
 
 
 def interrupts_end_quietly_until_main(prog: str) -> None:
-    """For a script's module-level imports, before its main() restores Python's own SIGINT handler: a Ctrl-C there
-    (torch's import takes seconds) ends the process with one line and 130, not a traceback through the imports."""
+    """For a script's module-level imports, until its main() calls `python_interrupts_again`: a Ctrl-C there (torch's
+    import takes seconds) ends the process with one line and 130, not a traceback through the imports. Only over
+    Python's own handler: an ignored SIGINT (a job started with `&` by a script) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
 
     def end(signum: int, frame: object) -> None:
         print(f"{prog}: interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         os._exit(signal_exit_code(signum))
 
+    end.ends_quietly = True
     signal.signal(signal.SIGINT, end)
+
+
+def python_interrupts_again() -> None:
+    """Python's SIGINT handler (KeyboardInterrupt) back, where `interrupts_end_quietly_until_main` replaced it."""
+    if getattr(signal.getsignal(signal.SIGINT), "ends_quietly", False):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def exit_process(code: int) -> NoReturn:

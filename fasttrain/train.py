@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -19,16 +18,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from fnmatch import fnmatch
 from pathlib import Path
 
 if __package__ in (None, ""):
     # Run as a script: put the repository root, not fasttrain/, first on the path, so `fasttrain.*` imports work
     # from a checkout and nothing inside the package can shadow a top-level module.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
-    from fasttrain.errors import interrupts_end_quietly_until_main
+    if __name__ == "__main__":  # not when another program loads this file by its path
+        from fasttrain.errors import interrupts_end_quietly_until_main
 
-    interrupts_end_quietly_until_main("fasttrain train")  # torch's import takes seconds
+        interrupts_end_quietly_until_main("fasttrain train")  # torch's import takes seconds
 
 import torch
 from accelerate import Accelerator
@@ -47,6 +46,7 @@ from fasttrain.errors import (
     FasttrainError,
     NonFiniteLoss,
     exit_process,
+    python_interrupts_again,
     run_command,
     signal_exit_code,
 )
@@ -113,24 +113,26 @@ def newest_run_dir(name: str) -> Path | None:
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # what a run writes; a start that failed early, none
-# Everything else a run directory may hold (train.log: fasttrain compare's record of a cell's trainer output); any
-# other name there is someone else's file, which a run could overwrite.
-RUN_OUTPUTS = (*RUN_FILES, "command.txt", "curves.png", "model.safetensors", "checkpoints", "wandb", "eval-tta*.json",
-               "train.log")  # fmt: skip
+WRITTEN = (*RUN_FILES, "command.txt", "curves.png", "model.safetensors")  # every file a run writes at its top
 
 
 def run_dir_problem(run_dir: Path, resume: str) -> str | None:
-    """Why this run cannot write into `run_dir`, or None once run_dir/checkpoints exists and takes a file. Refused: a
-    checkpoint; a folder of other files than a run's (a checkpoints/ folder among them); a run, unless --resume
-    auto/force continues it (or --resume DIR names its newest checkpoint); a finished run with nothing to go on from."""
+    """Why this run cannot write into `run_dir`, or None once run_dir/checkpoints exists and takes a file. Refused:
+    a checkpoint or a folder of them; a folder with files of a run's names but no run (they would be overwritten);
+    a run, unless --resume auto/force continues it (or --resume DIR names its newest checkpoint); a finished run with
+    nothing to go on from. Other files (a recipe, a log, lost+found) may stay beside a run."""
     try:
         if (run_dir / checkpoint.META).exists():
             return f"run.dir {run_dir} is a checkpoint; to go on from it, pass it to --resume with another --run.dir"
+        if checkpoint.checkpoint_dirs(run_dir):
+            return f"run.dir {run_dir} is a folder of checkpoints; pass one to --resume with another --run.dir"
         present = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-        foreign = [name for name in present if not any(fnmatch(name, ours) for ours in RUN_OUTPUTS)]
-        if foreign and not any(name in RUN_FILES for name in present):
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            return f"run.dir {run_dir} holds other files than a run's ({shown}); choose an empty or new --run.dir"
+        clashing = [name for name in present if name in WRITTEN]
+        if clashing and not any(name in RUN_FILES for name in clashing):
+            return (
+                f"run.dir {run_dir} holds {', '.join(clashing)} but no run; a run would overwrite them: choose another "
+                "--run.dir"
+            )
         saved = checkpoint.checkpoint_dirs(run_dir / "checkpoints")
         found = next((name for name in RUN_FILES if name in present), "checkpoints" if saved else None)
         continued = resume in ("auto", "force")
@@ -166,7 +168,7 @@ def run_finished(run_dir: Path) -> bool:
 def make_run_dir(cfg: Config, accelerator: Accelerator) -> tuple[Path, Path | None]:
     """`run.dir`, or runs/<name>-<time>; with --resume auto and no run.dir, the newest run of that name. A run
     directory that holds a run already is refused unless resumed: a second run would overwrite the first's files.
-    Also returns the outermost folder the main process created for it (None elsewhere, or if it was there)."""
+    Also returns the run directory again if the main process made it (None elsewhere, or if it was there)."""
     if cfg.run.dir:
         run_dir = Path(cfg.run.dir)
     elif cfg.run.resume in ("auto", "force") and (earlier := newest_run_dir(cfg.run.name)):
@@ -174,9 +176,7 @@ def make_run_dir(cfg: Config, accelerator: Accelerator) -> tuple[Path, Path | No
     else:
         run_dir = timestamped_run_dir(cfg.run.name)
     run_dir = Path(from_main(accelerator, str(run_dir)))
-    created = None
-    if accelerator.is_main_process:
-        created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    created = run_dir if accelerator.is_main_process and not run_dir.exists() else None
     # The main process decides for every rank, so that all stop together.
     problem = from_main(accelerator, run_dir_problem(run_dir, cfg.run.resume) if accelerator.is_main_process else None)
     if problem:
@@ -187,12 +187,17 @@ def make_run_dir(cfg: Config, accelerator: Accelerator) -> tuple[Path, Path | No
 @contextmanager
 def removed_unless_written(created: Path | None) -> Iterator[None]:
     """A start that fails before the run writes a file (a bad data source, a model that does not fit the images)
-    removes the empty folders it made for the run, so none of them is left to look like a run."""
+    removes the run directory it made and its checkpoints/ folder, while they are empty, so neither is left to look
+    like a run. Only empty folders are removed (os.rmdir), never a parent such as runs/ that another run may share."""
     try:
         yield
     except BaseException:
-        if created is not None and not any(p.is_file() or p.is_symlink() for p in created.rglob("*")):
-            shutil.rmtree(created, ignore_errors=True)
+        if created is not None:
+            for folder in (created / "checkpoints", created):
+                try:
+                    os.rmdir(folder)
+                except OSError:  # holds something, or is gone: leave it and what is above it
+                    break
         raise
 
 
@@ -338,9 +343,11 @@ def train(cfg: Config, argv: list[str]) -> dict:
         say = console.say if accelerator.is_main_process else (lambda *_: None)
         resume_from = find_resume_checkpoint(cfg, run_dir, say)
         if resume_from is not None:
+            # --resume DIR of another run cannot be forced; this run's own newest checkpoint is what force takes.
+            own = resume_from.resolve().parent == (run_dir / "checkpoints").resolve()
             forced = checkpoint.check_compatible(
                 resume_from, cfg.to_dict(), plan.world_size, force=cfg.run.resume == "force",
-                explicit=cfg.run.resume not in ("auto", "force"),
+                explicit=cfg.run.resume not in ("auto", "force") and not own,
             )  # fmt: skip
             if forced:
                 say(f"--resume force: the checkpoint's settings differ, this run's apply: {'; '.join(forced)}")
@@ -822,7 +829,7 @@ def end_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again, for run_command
+    python_interrupts_again()  # after a script's imports: Ctrl-C is KeyboardInterrupt, for run_command, again
     return run_command("fasttrain train", command, argv)
 
 

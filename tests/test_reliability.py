@@ -249,7 +249,7 @@ def test_missing_dataset_and_source_names_the_option(tmp_path):
     assert proc.returncode == 2
     assert "no-such-archive.tar.gz" in proc.stderr + proc.stdout and "--data.source" in proc.stderr
     assert not (tmp_path / "data").exists(), "nothing half-written"
-    assert not (tmp_path / "runs").exists(), "no empty runs/<name>-<time>/ left to look like a run"
+    assert not list((tmp_path / "runs").iterdir()), "no empty runs/<name>-<time>/ left to look like a run"
 
 
 def test_resume_with_a_different_config_is_refused_and_forced_names_what_does_not_fit(
@@ -258,8 +258,10 @@ def test_resume_with_a_different_config_is_refused_and_forced_names_what_does_no
     run_dir = tmp_path / "r"
     base = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.epochs", "1"]
     shutil.copytree(one_epoch_run, run_dir)
-    (newest,) = sorted((run_dir / "checkpoints").glob("ckpt-*"))  # named, it is --resume DIR: force cannot take it
-    other = [*base, "--model.widths", "8,32", "--train.lr", "0.3", "--resume", str(newest)]
+    # Named as --resume DIR, into a new run directory: force could not take it there.
+    (newest,) = sorted((run_dir / "checkpoints").glob("ckpt-*"))
+    other = [*FAST, "--data.dir", str(data_dir), "--run.dir", str(tmp_path / "new"), "--train.epochs", "1"]
+    other += ["--model.widths", "8,32", "--train.lr", "0.3", "--resume", str(newest)]
     proc = run_train(other, tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()[-1:]

@@ -223,7 +223,7 @@ def test_resume_auto_without_run_dir_takes_the_newest_run_of_that_name_only(tmp_
     cfg = load_config(["--config", "cpu_quick", "--run.name", "exp", "--resume", "auto"])
     assert make_run_dir(cfg, Accelerator(cpu=True)) == (Path("runs") / "exp-20261201-090000", None), "made nothing"
     fresh = load_config(["--config", "cpu_quick", "--run.name", "new", "--run.dir", "new/a/b"])
-    assert make_run_dir(fresh, Accelerator(cpu=True)) == (Path("new/a/b"), Path("new")), "the outermost folder made"
+    assert make_run_dir(fresh, Accelerator(cpu=True)) == (Path("new/a/b"), Path("new/a/b")), "made by this start"
 
 
 def test_a_second_run_into_a_used_run_directory_without_resume_is_refused(finished_run, data_dir, tmp_path):
@@ -242,9 +242,9 @@ def test_a_second_run_into_a_used_run_directory_without_resume_is_refused(finish
 
 
 def test_run_dirs_that_are_not_this_runs_to_write_are_refused(finished_run, tmp_path):
-    """What a run would overwrite or muddle: a checkpoint, someone else's files, a run that --resume DIR does not
-    continue, a finished run with no checkpoint to resume. Allowed: a new or empty folder, a compare cell's train.log,
-    and a run's own newest checkpoint named as --resume DIR."""
+    """What a run would overwrite or muddle: a checkpoint or a folder of them, files of a run's names without the run,
+    a run that --resume DIR does not continue, a finished run with no checkpoint to resume. Allowed: a new or empty
+    folder, one with other files (a recipe, a log, lost+found), and a run's own newest checkpoint as --resume DIR."""
     import shutil
 
     from fasttrain.loop.checkpoint import newest_intact
@@ -256,14 +256,15 @@ def test_run_dirs_that_are_not_this_runs_to_write_are_refused(finished_run, tmp_
     assert run_dir_problem(run / "checkpoints" / newest.name, "no").endswith(
         "is a checkpoint; to go on from it, pass it to --resume with another --run.dir"
     )
-    assert "holds other files than a run's (ckpt-" in run_dir_problem(run / "checkpoints", "no")
-    (tmp_path / "mine").mkdir()
-    for name in ("notes.txt", "data.csv", "a.py", "b.py"):
-        (tmp_path / "mine" / name).write_text("mine")
-    assert "holds other files than a run's (a.py, b.py, data.csv and 1 more)" in run_dir_problem(
-        tmp_path / "mine", "auto"
-    )
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" and not (tmp_path / "mine" / "checkpoints").exists()
+    assert "is a folder of checkpoints; pass one to --resume" in run_dir_problem(run / "checkpoints", "auto")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("my.yaml", "out.log", "lost+found"):
+        (mine / name).write_text("mine")
+    assert run_dir_problem(mine, "no") is None and (mine / "checkpoints").is_dir(), "other files may stay beside"
+    for name in ("model.safetensors", "curves.png"):
+        (mine / name).write_text("mine")
+    assert "holds curves.png, model.safetensors but no run; a run would overwrite them" in run_dir_problem(mine, "auto")
     other = tmp_path / "other"
     shutil.copytree(run, other)
     problem = run_dir_problem(run, str(other / "checkpoints" / newest.name))
