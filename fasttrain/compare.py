@@ -39,11 +39,11 @@ from fasttrain.grid.report import (
     markdown_table,
     plot_comparison,
     read_cell,
-    read_summary,
     write_csv,
     write_markdown,
 )
 from fasttrain.grid.spec import Cell, Grid, grid_cells, grid_names, load_grid
+from fasttrain.tracking.report import run_finished
 
 INTERRUPTED = (signal_exit_code(signal.SIGINT), signal_exit_code(signal.SIGTERM))  # the trainer's, after a signal
 # Options each cell's command sets itself; a passthrough option may not set them.
@@ -171,8 +171,7 @@ def _reusable(run_dir: Path, expected: dict, out: Path) -> bool:
             f"--out {out}: {run_dir} holds a run with other settings ({', '.join(differing)}); "
             "choose another --out, or delete that directory"
         )
-    summary = read_summary(run_dir)
-    return summary is not None and summary.get("status") == "finished"
+    return run_finished(run_dir)
 
 
 def plan(args: CompareArgs) -> tuple[Grid, Path, list[PlannedCell]]:

@@ -50,7 +50,7 @@ from fasttrain.errors import (
     run_command,
     signal_exit_code,
 )
-from fasttrain.files import is_write_failure, read_json, write_failure_reason, write_json
+from fasttrain.files import is_write_failure, write_failure_reason, write_json
 from fasttrain.loop import checkpoint
 from fasttrain.loop.collector import GcCounts, frozen_heap
 from fasttrain.loop.distributed import (
@@ -75,7 +75,7 @@ from fasttrain.loop.optim import (
 from fasttrain.loop.resolve import RunPlan, configure_backends, make_accelerator, resolve
 from fasttrain.profiling import synchronize
 from fasttrain.tracking import console
-from fasttrain.tracking.report import Reporter
+from fasttrain.tracking.report import Reporter, run_finished
 
 DATA_INIT_IMAGES = 5000  # training images a model's data-dependent initialisation sees (airbench's whitening)
 
@@ -156,13 +156,6 @@ def run_dir_problem(run_dir: Path, resume: str) -> str | None:
     except OSError as e:
         return f"run.dir: cannot write to {run_dir} ({e.strerror}); choose a writable --run.dir"
     return None
-
-
-def run_finished(run_dir: Path) -> bool:
-    try:
-        return read_json(run_dir / "summary.json").get("status") == "finished"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def make_run_dir(cfg: Config, accelerator: Accelerator) -> tuple[Path, Path | None]:

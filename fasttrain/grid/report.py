@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fasttrain.files import read_json, replacing
+from fasttrain.files import replacing
 from fasttrain.grid.spec import Cell
 from fasttrain.tracking.metrics import read_metrics
+from fasttrain.tracking.report import read_summary
 
 CSV_COLUMNS = (
     "cell",
@@ -71,15 +72,6 @@ class CellResult:
         train = self.final_train_eval_acc if self.final_train_eval_acc is not None else self.final_train_acc
         val = self.final_val_acc
         return None if train is None or val is None else train - val
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """A run's summary.json; None when there is none or it is damaged (not a JSON object)."""
-    try:
-        summary = read_json(Path(run_dir) / "summary.json")
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
 
 
 def read_cell(cell: Cell, run_dir: Path, exit_code: int | None, params: int) -> CellResult:

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from fasttrain.errors import FasttrainError
-from fasttrain.files import os_error_text, write_json, write_text
+from fasttrain.files import os_error_text, read_json, write_json, write_text
 from fasttrain.tracking.console import EpochTable, say
 from fasttrain.tracking.metrics import MetricsFile, read_metrics
 from fasttrain.tracking.plots import epoch_rows, plot_curves
@@ -22,6 +22,21 @@ from fasttrain.tracking.wandb_run import local_run_dirs, start_wandb
 
 TABLE = [("epoch", "d"), ("train_loss", ".4f"), ("train_acc", ".4f"), ("val_loss", ".4f"), ("val_acc", ".4f"),
          ("lr", ".4f"), ("time_s", ".1f"), ("img/s", ".0f")]  # fmt: skip
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's summary.json; None when there is none or it is damaged (not a JSON object)."""
+    try:
+        summary = read_json(Path(run_dir) / "summary.json")
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def run_finished(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` ended as finished, by its summary.json."""
+    summary = read_summary(run_dir)
+    return summary is not None and summary.get("status") == "finished"
 
 
 class Reporter:
